@@ -1,0 +1,29 @@
+"""edgequant: PyTorch-native quantization for fixed-point edge inference engines."""
+
+import logging as _logging
+
+# torchao registers an Enum with torch's pytree at import time, which makes torch
+# log a deprecation warning on every run; it is not actionable for our users.
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+
+import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_decomposed ops)
+
+from .capture import CaptureError  # noqa: E402
+from .export import ExportResult  # noqa: E402
+from .parity import ParityError, ParityReport  # noqa: E402
+from .qat import QATModule  # noqa: E402
+from .schedule import FreezeSchedule  # noqa: E402
+from .scheme import PRESETS, Scheme, get_scheme  # noqa: E402
+
+__all__ = [
+    "PRESETS",
+    "CaptureError",
+    "ExportResult",
+    "FreezeSchedule",
+    "ParityError",
+    "ParityReport",
+    "QATModule",
+    "Scheme",
+    "get_scheme",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""From a prepared (observed / fake-quantized) graph to the integer model the engine runs."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+from .batchnorm import fold_fused_bn, set_graph_training
+from .scales import qrange
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
+WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
+INT32_MIN, INT32_MAX = qrange(32)
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """Fold BN, turn fake-quant into Q/DQ with int8 weights, and quantize biases to int32.
+
+    The prepared model is left untouched so training can go on after a convert.
+    """
+    model = copy.deepcopy(prepared)
+    set_graph_training(model, dropout=False, batchnorm=False)
+    fold_fused_bn(model)
+    model = convert_pt2e(model, fold_quantize=True)
+    quantize_biases(model)
+    # torchao makes train()/eval() raise on its graphs; the converted graph is fixed in
+    # inference form, so the plain nn.Module behaviour (flag only) is the right one.
+    for attr in ("train", "eval"):
+        model.__dict__.pop(attr, None)
+    return model.eval()
+
+
+def _dq_scale(node: object) -> torch.Tensor | None:
+    """The scale of a dequantize node, as a float32 tensor, or None if not dequantized."""
+    if not isinstance(node, Node) or node.target not in DQ_OPS:
+        return None
+    scale = node.args[1]
+    if isinstance(scale, Node):
+        owner = node.graph.owning_module
+        scale = operator.attrgetter(scale.target)(owner)
+    return torch.as_tensor(scale, dtype=torch.float32)
+
+
+def quantize_biases(model: GraphModule) -> int:
+    """Replace each float conv/linear bias by int32 values with scale s_in * s_w, plus a DQ.
+
+    onnxruntime does this rounding itself (its WeightBiasQuantization pass) at any
+    optimisation level above "disabled"; doing it here, explicitly, makes the torch
+    model, the ONNX file and the engine compute the same integers.
+    """
+    graph = model.graph
+    done = 0
+    for node in list(graph.nodes):
+        if node.target not in WEIGHTED_OPS or len(node.args) < 3:
+            continue
+        bias = node.args[2]
+        s_in, s_w = _dq_scale(node.args[0]), _dq_scale(node.args[1])
+        if not isinstance(bias, Node) or bias.op != "get_attr" or s_in is None or s_w is None:
+            continue
+        b = operator.attrgetter(bias.target)(model).detach().to(torch.float32)
+        s_b = (s_in * s_w).reshape(-1)
+        q = torch.clamp(torch.round(b / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
+        name = f"{node.name}_bias_int32"
+        model.register_buffer(name, q)
+        with graph.inserting_before(node):
+            q_node = graph.get_attr(name)
+            if s_b.numel() == 1:
+                dq = graph.call_function(
+                    qd.dequantize_per_tensor.default,
+                    (q_node, float(s_b), 0, INT32_MIN, INT32_MAX, torch.int32),
+                )
+            else:
+                scale_name, zp_name = f"{name}_scale", f"{name}_zero_point"
+                model.register_buffer(scale_name, s_b)
+                model.register_buffer(zp_name, torch.zeros_like(q))
+                dq = graph.call_function(
+                    qd.dequantize_per_channel.default,
+                    (q_node, graph.get_attr(scale_name), graph.get_attr(zp_name), 0, INT32_MIN, INT32_MAX, torch.int32),
+                )
+        node.replace_input_with(bias, dq)
+        done += 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    model.recompile()
+    return done

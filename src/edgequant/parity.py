@@ -1,0 +1,186 @@
+"""Run an exported ONNX file in onnxruntime and hold it to the converted torch model.
+
+The check is strict on purpose: with int32 biases and power-of-2 scales the two
+compute the same integers, so any difference is a bug to report, with the first
+quantized tensor where they part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+qd = torch.ops.quantized_decomposed
+Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
+DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and the converted torch model disagree."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float
+    output_step: float | None
+    top1_agreement: float
+    samples: int
+
+    def __str__(self) -> str:
+        step = f"{self.output_step:g}" if self.output_step else "float output"
+        return (
+            f"onnxruntime vs torch: max |diff| {self.max_abs_diff:g} (output step {step}), "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}% on {self.samples} samples"
+        )
+
+
+def session(path: str, optimized: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
+    return sess.run(None, feed)
+
+
+def output_steps(model: GraphModule) -> list[float | None]:
+    """Quantization step of each graph output (None for outputs left in float)."""
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    flat = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    steps = []
+    for node in flat:
+        if isinstance(node, Node) and node.target in DQ_OPS and not isinstance(node.args[1], Node):
+            steps.append(float(node.args[1]))
+        else:
+            steps.append(None)
+    return steps
+
+
+def _as_list(y: object) -> list[torch.Tensor]:
+    return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
+def compare(
+    onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...], sess: ort.InferenceSession | None = None
+) -> ParityReport:
+    """Compare outputs; raise ParityError naming where the two diverge."""
+    sess = sess or session(onnx_path)
+    with torch.no_grad():
+        expected = [t.detach().numpy() for t in _as_list(model(*inputs))]
+    actual = run_onnx(sess, inputs)
+    steps = output_steps(model)
+    worst, agree, total, problems = 0.0, 0, 0, []
+    for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+        if e.shape != a.shape:
+            raise ParityError(f"output {i}: onnxruntime shape {a.shape} != torch shape {e.shape}")
+        diff = float(np.abs(e - a).max()) if e.size else 0.0
+        worst = max(worst, diff)
+        step = steps[i] if i < len(steps) else None
+        tol = (step * 1.0001) if step else 1e-4 * max(1.0, float(np.abs(e).max()))
+        if diff > tol:
+            problems.append(f"output {i} differs by {diff:g} (allowed {tol:g})")
+        if e.ndim >= 2 and e.shape[1] > 1:
+            same = (e.argmax(1) == a.argmax(1)).reshape(e.shape[0], -1).all(axis=1)
+            agree += int(same.sum())
+            total += e.shape[0]
+            if not same.all():
+                problems.append(f"output {i}: top-1 differs on {int((~same).sum())} of {e.shape[0]} samples")
+    report = ParityReport(worst, steps[0] if steps else None, agree / total if total else 1.0, inputs[0].shape[0])
+    if problems:
+        where = locate_divergence(onnx_path, model, inputs)
+        raise ParityError("onnxruntime disagrees with the converted model: " + "; ".join(problems) + f". {where}")
+    return report
+
+
+class _Recorder(Interpreter):
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: Node) -> object:
+        result = super().run_node(n)
+        if n.target in Q_OPS:
+            self.values[n.name] = result
+        return result
+
+
+MODULE_KEY = "edgequant_module"
+
+
+def _module_path(node: Node) -> str:
+    if MODULE_KEY in node.meta:
+        return node.meta[MODULE_KEY]
+    # Walk up from the quantizer to the nearest op that belongs to a named submodule:
+    # for conv -> relu -> quantize in a root forward(), that is the conv.
+    frontier = [a for a in node.args if isinstance(a, Node)]
+    seen: set[Node] = set()
+    while frontier:
+        producer = frontier.pop(0)
+        if producer in seen or producer.target in Q_OPS:
+            continue
+        seen.add(producer)
+        stack = producer.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        if path:
+            return path
+        frontier.extend(a for a in producer.args if isinstance(a, Node))
+    return node.name
+
+
+def reexport(
+    converted: GraphModule, inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.export.ExportedProgram, GraphModule]:
+    """Export the converted model once more, for ONNX, keeping where each quantizer came from.
+
+    ONNX value names follow this program's node names, so its module is the reference
+    the parity check compares against. The user-facing module paths of the converted
+    graph are carried over to its quantize nodes, which appear in the same order.
+    """
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(converted, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+    reference = program.module()
+    ours = [n for n in converted.graph.nodes if n.target in Q_OPS]
+    theirs = [n for n in reference.graph.nodes if n.target in Q_OPS]
+    if len(ours) == len(theirs):
+        for a, b in zip(ours, theirs, strict=True):
+            b.meta[MODULE_KEY] = _module_path(a)
+    return program, reference
+
+
+def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> str:
+    """Name the first quantized tensor (in graph order) where torch and onnxruntime differ."""
+    proto = onnx.load(onnx_path)
+    produced = {o for node in proto.graph.node for o in node.output}
+    recorder = _Recorder(model)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    names = [n for n in recorder.values if n in produced]
+    if not names:
+        return "No quantized tensor could be matched by name between the two graphs."
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    for name in names:
+        want = recorder.values[name].numpy()
+        if name in got and not np.array_equal(want, got[name]):
+            node = next(n for n in model.graph.nodes if n.name == name)
+            lsb = int(np.abs(want.astype(np.int64) - got[name].astype(np.int64)).max())
+            count = int((want != got[name]).sum())
+            return (
+                f"First divergence at `{name}` (output of `{_module_path(node)}`): "
+                f"{count} of {want.size} values differ, by up to {lsb} LSB."
+            )
+    return "All quantized activations agree; the difference arises after the last quantizer."

@@ -1,0 +1,103 @@
+"""QATModule: one line around a trained float model, the user's loop unchanged."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+from .batchnorm import set_graph_training
+from .capture import capture
+from .convert import convert
+from .export import ExportResult, export_onnx
+from .observers import FakeQuantize
+from .quantizer import EdgeQuantizer
+from .schedule import FreezeSchedule
+from .scheme import Scheme, get_scheme
+
+
+class QATModule(nn.Module):
+    """Quantization-aware training wrapper around a float model.
+
+    Conv+BN(+ReLU) run in their folded form with fake-quantized weights and
+    activations; gradients pass straight through the rounding. Each call to
+    ``train()`` after some training steps starts a new epoch, and
+    `FreezeSchedule(total_epochs)` decides when BN statistics and then ranges
+    freeze. ``eval()`` is deterministic: BN uses running statistics and ranges
+    don't move.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        scheme: str | Scheme = "int8_pow2",
+        total_epochs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.scheme = get_scheme(scheme)
+        self.schedule = FreezeSchedule(total_epochs)
+        self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
+        graph = capture(model, self.example_inputs)
+        self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
+        # [epoch, trained-since-last-train()-call]; a buffer so checkpoints resume the schedule.
+        self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
+        self._init_ranges()
+        self.train(model.training)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.qat_state[0])
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.schedule.bn_frozen(self.epoch)
+
+    @property
+    def ranges_frozen(self) -> bool:
+        return self.schedule.ranges_frozen(self.epoch)
+
+    def fake_quantizers(self) -> list[FakeQuantize]:
+        return [m for m in self.model.modules() if isinstance(m, FakeQuantize)]
+
+    @torch.no_grad()
+    def _init_ranges(self) -> None:
+        # Ranges from the example batch, with BN on running statistics, so that an
+        # evaluation before the first training step is already meaningful.
+        set_graph_training(self.model, dropout=False, batchnorm=False)
+        for fq in self.fake_quantizers():
+            fq.set_observing(True)
+        self.model(*self.example_inputs)
+
+    def train(self, mode: bool = True) -> QATModule:
+        if mode and not self.training and self.qat_state[1]:
+            self.qat_state[0] += 1
+            self.qat_state[1] = 0
+        # torchao's prepared graph refuses nn.Module.train(); the flags are set
+        # directly and the graph's BN/dropout nodes are switched below instead.
+        for module in self.modules():
+            module.training = mode
+        if self.ranges_frozen:
+            for fq in self.fake_quantizers():
+                if not fq.is_frozen:
+                    fq.freeze()
+        for fq in self.fake_quantizers():
+            fq.set_observing(mode)
+        set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen)
+        return self
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self.qat_state[1] = 1
+        return self.model(*args)
+
+    def convert(self) -> GraphModule:
+        """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
+        return convert(self.model)
+
+    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
+        """Write QDQ ONNX and check it in onnxruntime against `convert()` on the example inputs."""
+        return export_onnx(self.convert(), self.example_inputs, path, opset)

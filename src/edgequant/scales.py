@@ -1,0 +1,73 @@
+"""Scale and zero-point arithmetic: where power-of-2 and free scales are computed.
+
+Everything here is plain tensor math so that observers, tests and the export
+checker share one definition of rounding and saturation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Smallest scale we hand out: a range of exactly zero must still give a valid,
+# finite quantizer (a dead channel is common after BN folding).
+MIN_SCALE = 2.0**-24
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer range of a `bits`-wide type, e.g. (-128, 127) for int8."""
+    if bits < 2 or bits > 32:
+        raise ValueError(f"bit width must be between 2 and 32, got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= `scale`, computed exactly with frexp.
+
+    `2**ceil(log2(s))` can be off by one exponent when log2 rounds; frexp
+    splits s = m * 2**e with m in [0.5, 1) without any rounding, and s is a
+    power of two exactly when m == 0.5.
+    """
+    scale = torch.clamp(scale.to(torch.float32), min=MIN_SCALE)
+    mantissa, exponent = torch.frexp(scale)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(scale), exponent)
+
+
+def symmetric_scale(max_abs: torch.Tensor, qmax: int, power_of_2: bool) -> torch.Tensor:
+    """Scale that maps [-max_abs, max_abs] onto [-qmax, qmax] without clipping.
+
+    With `power_of_2` the scale is rounded *up* to a power of two, so the range
+    is still covered and every rescale in the engine becomes a shift.
+    """
+    scale = torch.clamp(max_abs.to(torch.float32) / qmax, min=MIN_SCALE)
+    return pow2_ceil(scale) if power_of_2 else scale
+
+
+def asymmetric_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering [min_val, max_val], which always includes 0."""
+    min_val = torch.clamp(min_val.to(torch.float32), max=0.0)
+    max_val = torch.clamp(max_val.to(torch.float32), min=0.0)
+    scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE)
+    zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Round half to even and saturate, as ONNX QuantizeLinear does."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def is_power_of_2(scale: torch.Tensor) -> bool:
+    """True when every element is an exact power of two."""
+    mantissa, _ = torch.frexp(scale.to(torch.float32))
+    return bool(torch.all(mantissa == 0.5))

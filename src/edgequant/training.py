@@ -1,0 +1,105 @@
+"""Float training and evaluation on the digits task, with a checkpoint cache.
+
+Used by the demo, the benchmarks and the tests, so that all of them start from the
+same digits-trained models without downloading weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import NUM_CLASSES, digits_loader
+from .parity import run_onnx, session
+
+
+def cache_dir() -> Path:
+    """Where trained float checkpoints live: $EDGEQUANT_CACHE or ~/.cache/edgequant."""
+    root = os.environ.get("EDGEQUANT_CACHE") or Path.home() / ".cache" / "edgequant"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A randomly initialised torchvision classifier (weights are never downloaded)."""
+    try:
+        factory = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ValueError(f"unknown torchvision model {name!r}") from None
+    torch.manual_seed(0)
+    return factory(weights=None, num_classes=num_classes)
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    desc: str = "train",
+) -> None:
+    """A plain classification loop; `model` may be a float model or a QATModule."""
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        model.train()
+        for x, y in tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module | Callable, loader: Iterable) -> float:
+    """Top-1 accuracy in percent."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def onnx_accuracy(path: str | os.PathLike, loader: Iterable) -> float:
+    """Top-1 accuracy in percent of an ONNX file, run in onnxruntime."""
+    sess = session(str(path))
+    correct = total = 0
+    for x, y in loader:
+        (logits,) = run_onnx(sess, (x,))[:1]
+        correct += int((np.argmax(logits, 1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def float_digits_model(name: str, epochs: int = 8, progress: bool = True) -> nn.Module:
+    """A torchvision model trained on digits; trained once, then loaded from the cache."""
+    path = cache_dir() / f"{name}_digits_e{epochs}.pt"
+    model = build_model(name)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    loader = digits_loader("train", batch_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, epochs=epochs, steps_per_epoch=len(loader))
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in tqdm(range(epochs), desc=f"float {name}", disable=None if progress else True):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model

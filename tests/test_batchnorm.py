@@ -1,0 +1,93 @@
+import copy
+
+import torch
+from torch import nn
+from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+from edgequant.batchnorm import BN_OP, fold_fused_bn, fuse_conv_bn_for_qat, set_graph_training
+from edgequant.capture import capture
+from edgequant.quantizer import EdgeQuantizer
+from edgequant.scheme import get_scheme
+
+
+class ConvBN(nn.Module):
+    def __init__(self, eps: float, momentum: float, bias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.bn = nn.BatchNorm2d(8, eps=eps, momentum=momentum)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.bn(self.conv(x))))
+
+
+def trained_bn(eps=1e-3, momentum=0.01, bias=True):
+    torch.manual_seed(0)
+    m = ConvBN(eps, momentum, bias)
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.0, 2.0)
+        m.bn.running_var[0] = 0.0  # a dead channel: only eps keeps it finite
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def test_fused_form_matches_float_in_eval_and_keeps_eps_momentum():
+    m = trained_bn()
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(m, (x,))
+    assert fuse_conv_bn_for_qat(gm) == 1
+    set_graph_training(gm, dropout=False, batchnorm=False)
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
+    bn = next(n for n in gm.graph.nodes if n.target == BN_OP)
+    assert bn.args[6:8] == (0.01, 1e-3)
+
+
+def test_fused_form_updates_running_stats_with_model_momentum():
+    m = trained_bn()
+    reference = copy.deepcopy(m).train()
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(m, (x,))
+    fuse_conv_bn_for_qat(gm)
+    set_graph_training(gm, dropout=False, batchnorm=True)
+    reference.drop.p = 0.0
+    gm(x)
+    reference(x)
+    torch.testing.assert_close(gm.bn.running_mean, reference.bn.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_matches_float_with_custom_eps():
+    m = trained_bn(eps=1e-3, bias=True)
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(m, (x,))
+    fuse_conv_bn_for_qat(gm)
+    set_graph_training(gm, dropout=False, batchnorm=False)
+    assert fold_fused_bn(gm) == 1
+    assert not any(n.target == BN_OP for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_after_prepare_keeps_weight_quantizer():
+    m = trained_bn(bias=False)
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare_qat_pt2e(capture(m, (x,)), EdgeQuantizer(get_scheme("int8_pow2"), qat=True))
+    set_graph_training(prepared, dropout=False, batchnorm=False)
+    before = prepared(x)
+    folded = copy.deepcopy(prepared)
+    fold_fused_bn(folded)
+    after = folded(x)
+    # Same quantized weights; activations may flip by one step through float rounding.
+    step = max(m.scale.item() for m in prepared.modules() if hasattr(m, "scale") and m.scale.numel() == 1)
+    assert (before - after).abs().max() <= step
+
+
+def test_set_graph_training_switches_dropout():
+    m = trained_bn()
+    x = torch.ones(2, 3, 8, 8)
+    gm = capture(m, (x,))
+    set_graph_training(gm, dropout=False, batchnorm=False)
+    torch.testing.assert_close(gm(x), gm(x))
+    set_graph_training(gm, dropout=True, batchnorm=False)
+    out = gm(x)
+    assert (out == 0).float().mean() > 0.3  # half the activations dropped

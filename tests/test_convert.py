@@ -1,0 +1,51 @@
+import operator
+
+import torch
+from torch import nn
+
+from edgequant import QATModule
+from edgequant.convert import DQ_OPS
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _bias_dq(model):
+    for node in model.graph.nodes:
+        if node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            x, w, b = node.args[:3]
+            yield node, x, w, b
+
+
+def test_biases_are_int32_with_scale_input_times_weight():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    q = QATModule(Small(), (x,))
+    converted = q.convert()
+    seen = 0
+    for _node, x_dq, w_dq, b_dq in _bias_dq(converted):
+        assert b_dq.target in DQ_OPS
+        q_bias = operator.attrgetter(b_dq.args[0].target)(converted)
+        assert q_bias.dtype == torch.int32
+        assert b_dq.args[1] == x_dq.args[1] * w_dq.args[1]  # pow2 scales: exact product
+        seen += 1
+    assert seen == 2
+
+
+def test_converted_model_matches_eval_wrapper_within_one_step():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    q = QATModule(Small(), (x,)).eval()
+    converted = q.convert()
+    out_step = max(fq.scale.item() for fq in q.fake_quantizers())
+    assert (q(x) - converted(x)).abs().max() <= out_step
+    converted.eval()  # plain nn.Module behaviour, no torchao error

@@ -1,0 +1,62 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgequant import ParityError, QATModule
+from edgequant.parity import compare, locate_divergence, reexport
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    q = QATModule(Two(), (x,)).eval()
+    path = tmp_path_factory.mktemp("parity") / "two.onnx"
+    result = q.export(path)
+    _, reference = reexport(q.convert(), (x,))
+    return path, reference, (x,), result
+
+
+def test_export_reports_exact_parity(exported):
+    _, _, _, result = exported
+    assert result.parity.max_abs_diff == 0.0
+    assert result.parity.top1_agreement == 1.0
+
+
+def _corrupt_second_conv(path, out):
+    model = onnx.load(str(path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    weight_dq = convs[1].input[1]
+    producer = next(n for n in model.graph.node if weight_dq in n.output)
+    init = next(t for t in model.graph.initializer if t.name == producer.input[0])
+    w = numpy_helper.to_array(init).copy()
+    w[: w.shape[0] // 2] = np.int8(127)  # half the output channels saturate
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(out))
+
+
+def test_corrupted_weight_is_caught_and_located(exported, tmp_path):
+    path, reference, inputs, _ = exported
+    bad = tmp_path / "bad.onnx"
+    _corrupt_second_conv(path, bad)
+    where = locate_divergence(str(bad), reference, inputs)
+    assert "First divergence" in where
+    assert "conv2" in where  # the module whose output first differs
+    with pytest.raises(ParityError, match="conv2"):
+        compare(str(bad), reference, inputs)
