@@ -27,10 +27,15 @@ def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
 def warmed_model(name: str, data: torch.Tensor, steps: int = 4) -> torch.nn.Module:
     """A random-init model whose BN statistics have seen real data, as after training."""
     model = build_model(name)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.momentum = None  # exact running averages over the warm-up batches
     model.train()
     with torch.no_grad():
         for i in range(steps):
             model(data[i * 32 : (i + 1) * 32])
+    for bn in bns:
+        bn.momentum = 0.1
     return model.eval()
 
 

@@ -4,7 +4,13 @@ import torch
 from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-from edgequant.batchnorm import BN_OP, fold_fused_bn, fuse_conv_bn_for_qat, set_graph_training
+from edgequant.batchnorm import (
+    BN_OPS,
+    attach_bn_factors,
+    fold_fused_bn,
+    fuse_conv_bn_for_qat,
+    set_graph_training,
+)
 from edgequant.capture import capture
 from edgequant.quantizer import EdgeQuantizer
 from edgequant.scheme import get_scheme
@@ -40,7 +46,7 @@ def test_fused_form_matches_float_in_eval_and_keeps_eps_momentum():
     assert fuse_conv_bn_for_qat(gm) == 1
     set_graph_training(gm, dropout=False, batchnorm=False)
     torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
-    bn = next(n for n in gm.graph.nodes if n.target == BN_OP)
+    bn = next(n for n in gm.graph.nodes if n.target in BN_OPS)
     assert bn.args[6:8] == (0.01, 1e-3)
 
 
@@ -57,22 +63,30 @@ def test_fused_form_updates_running_stats_with_model_momentum():
     torch.testing.assert_close(gm.bn.running_mean, reference.bn.running_mean, rtol=1e-5, atol=1e-6)
 
 
+def _prepared(m, x):
+    prepared = prepare_qat_pt2e(capture(m, (x,)), EdgeQuantizer(get_scheme("int8_pow2"), qat=True))
+    attach_bn_factors(prepared)
+    set_graph_training(prepared, dropout=False, batchnorm=False)
+    return prepared
+
+
 def test_fold_matches_float_with_custom_eps():
     m = trained_bn(eps=1e-3, bias=True)
     x = torch.randn(4, 3, 8, 8)
-    gm = capture(m, (x,))
-    fuse_conv_bn_for_qat(gm)
-    set_graph_training(gm, dropout=False, batchnorm=False)
-    assert fold_fused_bn(gm) == 1
-    assert not any(n.target == BN_OP for n in gm.graph.nodes)
-    torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
+    prepared = _prepared(m, x)
+    for fq in prepared.modules():
+        if hasattr(fq, "disable_fake_quant"):
+            fq.disable_fake_quant()
+    torch.testing.assert_close(prepared(x), m(x), rtol=1e-4, atol=1e-4)
+    assert fold_fused_bn(prepared) == 1
+    assert not any(n.target in BN_OPS for n in prepared.graph.nodes)
+    torch.testing.assert_close(prepared(x), m(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fold_after_prepare_keeps_weight_quantizer():
     m = trained_bn(bias=False)
     x = torch.randn(4, 3, 8, 8)
-    prepared = prepare_qat_pt2e(capture(m, (x,)), EdgeQuantizer(get_scheme("int8_pow2"), qat=True))
-    set_graph_training(prepared, dropout=False, batchnorm=False)
+    prepared = _prepared(m, x)
     before = prepared(x)
     folded = copy.deepcopy(prepared)
     fold_fused_bn(folded)

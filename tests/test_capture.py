@@ -53,7 +53,7 @@ def test_batch_of_one_with_bn_exports_and_runs_any_batch():
     gm = capture(model.eval(), (torch.randn(1, 3, 8, 8),))
     for batch in (1, 3, 5):
         assert gm(torch.randn(batch, 3, 8, 8)).shape == (batch, 4)
-    assert not model.training  # the user's model mode is restored
+    assert not model.training  # the user's model is not touched
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,15 @@
 """Conv+BN in exported graphs: the QAT fused form, the final fold, train/eval switches.
 
-torchao's own conv-BN QAT rewrite hard-codes eps=1e-5 and momentum=0.1, which is
-wrong for models such as mobilenet_v3 (eps=1e-3) and badly wrong for channels whose
-running variance is ~0. Here the original `batch_norm` node is kept untouched and
-the fused form is inserted around the conv, so every BN keeps its own eps and
-momentum, in training and in the fold.
+QAT trains conv+BN in folded form. The engine will run conv(x, Q(w * s)) with
+s = gamma / sqrt(var + eps) per output channel, so the weight quantizer must see
+w * s. Because conv is linear in each output channel,
+
+    conv(x, Q(w * s)) / s  ==  conv(x, Q(w * s) / s),
+
+so the fused form keeps the conv and BN nodes as exported and only hands s to the
+weight quantizer, which fake-quantizes w on the per-channel grid q / |s| (q being
+the per-tensor step of w * s). BN keeps its own eps and momentum (torchao's own
+rewrite resets them to 1e-5 / 0.1), and no extra pass over activations is needed.
 """
 
 from __future__ import annotations
@@ -19,55 +24,36 @@ aten = torch.ops.aten
 
 CONV_OPS = (aten.conv1d.default, aten.conv2d.default)
 BN_OP = aten.batch_norm.default
+# A fused BN is re-targeted to this op: same arguments, same running-stat updates,
+# but torchao's prepare_qat_pt2e does not pattern-match it into its own fusion.
+FUSED_BN_OP = aten._native_batch_norm_legit.default
+BN_OPS = (BN_OP, FUSED_BN_OP)
 DROPOUT_OPS = (aten.dropout.default, aten.dropout_.default)
-# batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+# batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 _BN_TRAINING = 5
-_BN_EPS = 7
 FUSED_TAG = "edgequant_fused_bn"
-# Marks the helper nodes of the fused form, which the quantizer must not treat as activations.
-HELPER_TAG = "edgequant_bn_helper"
-
-
-def _fake_val(arg: Any) -> Any:
-    if isinstance(arg, Node):
-        return arg.meta.get("val")
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_fake_val(a) for a in arg)
-    return arg
-
-
-def _call(graph: torch.fx.Graph, target: Any, args: tuple, like: Node) -> Node:
-    """Insert a call with the metadata later passes rely on (fake value, module stack)."""
-    node = graph.call_function(target, args)
-    node.meta[HELPER_TAG] = True
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    fake_args = _fake_val(args)
-    fake = next((a for a in fake_args if isinstance(a, torch.Tensor)), None)
-    if fake is not None and hasattr(fake, "fake_mode"):
-        with fake.fake_mode:
-            node.meta["val"] = target(*fake_args)
-    return node
 
 
 def _bn_args(bn: Node) -> list[Any]:
     args = list(bn.args)
-    defaults = [None, None, None, None, None, False, 0.1, 1e-5, True]
-    return args + defaults[len(args):]
+    defaults = [None, None, None, None, None, False, 0.1, 1e-5]
+    return args[:8] + defaults[len(args[:8]) :]
 
 
-def _conv_args(conv: Node) -> list[Any]:
-    args = list(conv.args)
-    return args + [None] * (3 - len(args)) if len(args) < 3 else args
+def _with_meta(node: Node, like: Node, val: Any = None) -> Node:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    if val is not None:
+        node.meta["val"] = val
+    return node
 
 
 def fuse_conv_bn_for_qat(gm: GraphModule) -> int:
-    """Rewrite conv -> BN into the scaled-weight form; return how many pairs were fused.
+    """Mark every conv -> BN pair for folded QAT; return how many pairs were fused.
 
-    conv(x, w) -> bn  becomes  conv(x, w * s) / s [+ b] -> bn,  s = gamma / sqrt(var + eps).
-    The weight quantizer then sees the folded weight the engine will run, while BN
-    keeps updating its statistics from the (unfolded) conv output.
+    The BN node becomes `_native_batch_norm_legit` (+ getitem) and the conv is
+    tagged; `attach_bn_factors` later connects the BN factor to the weight quantizer.
     """
     graph = gm.graph
     fused = 0
@@ -75,38 +61,59 @@ def fuse_conv_bn_for_qat(gm: GraphModule) -> int:
         if bn.target != BN_OP:
             continue
         conv = bn.args[0]
+        args = _bn_args(bn)
         if not isinstance(conv, Node) or conv.target not in CONV_OPS or len(conv.users) != 1:
             continue
-        _, bn_w, _, _, running_var, _, _, eps, _ = _bn_args(bn)
-        if bn_w is None or running_var is None:
+        if args[1] is None or args[4] is None:  # no affine weight or no running stats
             continue
-        cargs = _conv_args(conv)
-        weight, bias = cargs[1], cargs[2]
-        ndim = weight.meta["val"].dim()
-        with graph.inserting_before(conv):
-            var_eps = _call(graph, aten.add.Tensor, (running_var, eps), conv)
-            std = _call(graph, aten.sqrt.default, (var_eps,), conv)
-            factor = _call(graph, aten.div.Tensor, (bn_w, std), conv)
-            w_factor = _call(graph, aten.reshape.default, (factor, [-1] + [1] * (ndim - 1)), conv)
-            scaled_w = _call(graph, aten.mul.Tensor, (weight, w_factor), conv)
-        cargs[1], cargs[2] = scaled_w, None
-        conv.args = tuple(cargs)
+        with graph.inserting_after(bn):
+            native = graph.call_function(FUSED_BN_OP, tuple(args))
+        with graph.inserting_after(native):
+            out = graph.call_function(operator.getitem, (native, 0))
+        _with_meta(native, bn)
+        _with_meta(out, bn, bn.meta.get("val"))
+        bn.replace_all_uses_with(out)
+        graph.erase_node(bn)
+        native.meta[FUSED_TAG] = True
         conv.meta[FUSED_TAG] = True
-        out_shape = [1, -1] + [1] * (ndim - 2)
-        with graph.inserting_after(conv):
-            o_factor = _call(graph, aten.reshape.default, (factor, out_shape), conv)
-        with graph.inserting_after(o_factor):
-            out = _call(graph, aten.div.Tensor, (conv, o_factor), conv)
-        if bias is not None:
-            with graph.inserting_after(out):
-                b = _call(graph, aten.reshape.default, (bias, out_shape), conv)
-            with graph.inserting_after(b):
-                out = _call(graph, aten.add.Tensor, (out, b), conv)
-        bn.replace_input_with(conv, out)
         fused += 1
     graph.lint()
     gm.recompile()
     return fused
+
+
+def _fused_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
+    pairs = []
+    for conv in gm.graph.nodes:
+        if conv.meta.get(FUSED_TAG) and conv.target in CONV_OPS:
+            (bn,) = conv.users
+            pairs.append((conv, bn))
+    return pairs
+
+
+def attach_bn_factors(gm: GraphModule) -> int:
+    """After prepare: feed s = gamma / sqrt(var + eps) (no gradient) to each weight quantizer."""
+    graph = gm.graph
+    attached = 0
+    for conv, bn in _fused_pairs(gm):
+        weight_fq = conv.args[1]
+        if not (isinstance(weight_fq, Node) and weight_fq.op == "call_module"):
+            continue
+        _, gamma, _, _, var, _, _, eps = _bn_args(bn)
+        with graph.inserting_before(weight_fq):
+            # Fresh get_attr nodes: the BN's own may come later in graph order.
+            gamma, var = graph.get_attr(gamma.target), graph.get_attr(var.target)
+            var_eps = graph.call_function(aten.add.Tensor, (var, eps))
+            std = graph.call_function(aten.sqrt.default, (var_eps,))
+            factor = graph.call_function(aten.div.Tensor, (gamma, std))
+            # s is a constant for autograd: conv(x, Q(w s) / s) depends on s only
+            # through rounding; gamma learns through BN itself.
+            factor = graph.call_function(aten.detach.default, (factor,))
+        weight_fq.args = (weight_fq.args[0], factor)
+        attached += 1
+    graph.lint()
+    gm.recompile()
+    return attached
 
 
 def _attr(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
@@ -117,51 +124,45 @@ def _attr(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
     return operator.attrgetter(node.target)(gm)
 
 
-def _new_attr(gm: GraphModule, graph: torch.fx.Graph, name: str, value: torch.Tensor, before: Node) -> Node:
+def _new_attr(gm: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
     gm.register_buffer(name, value.detach().clone())
-    with graph.inserting_before(before):
-        node = graph.get_attr(name)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
     node.meta["val"] = value
     return node
 
 
 def fold_fused_bn(gm: GraphModule) -> int:
-    """Fold every BN fused by `fuse_conv_bn_for_qat` into its conv, for convert and export.
+    """Fold every fused BN into its conv, for convert and export.
 
-    Works on a prepared model (weight fake-quant modules in place): the weight
-    quantizer keeps its learned range and now quantizes the folded weight directly.
+    The weight quantizer now receives the folded weight w * s itself and keeps the
+    per-tensor range it learned for exactly that tensor.
     """
     graph = gm.graph
     folded = 0
-    for conv in list(graph.nodes):
-        if not conv.meta.get(FUSED_TAG):
-            continue
-        (div,) = conv.users
-        out = div
-        conv_bias = None
-        if len(div.users) == 1 and next(iter(div.users)).target == aten.add.Tensor:
-            out = next(iter(div.users))
-            conv_bias = out.args[1].args[0]
-        (bn,) = out.users
-        _, bn_w, bn_b, mean, var, _, _, eps, _ = _bn_args(bn)
-        weight_path = conv.args[1]
-        # weight_path is the weight fake-quant (call_module) or the mul itself.
-        mul = weight_path.args[0] if weight_path.op == "call_module" else weight_path
-        raw_w = _attr(gm, mul.args[0])
-        gamma, beta = _attr(gm, bn_w), _attr(gm, bn_b)
-        running_mean, running_var = _attr(gm, mean), _attr(gm, var)
+    for conv, bn in _fused_pairs(gm):
+        _, bn_w, bn_b, mean, var, _, _, eps = _bn_args(bn)
+        gamma, running_mean, running_var = _attr(gm, bn_w), _attr(gm, mean), _attr(gm, var)
+        beta = _attr(gm, bn_b) if bn_b is not None else torch.zeros_like(running_mean)
         factor = gamma / torch.sqrt(running_var + eps)
-        w = raw_w * factor.reshape([-1] + [1] * (raw_w.dim() - 1))
+        weight_in = conv.args[1]
+        fq = weight_in if weight_in.op == "call_module" else None
+        raw_w = _attr(gm, fq.args[0] if fq is not None else weight_in)
+        conv_bias = conv.args[2] if len(conv.args) > 2 else None
         b0 = _attr(gm, conv_bias) if conv_bias is not None else torch.zeros_like(running_mean)
-        beta = beta if beta is not None else torch.zeros_like(running_mean)
-        b = beta + factor * (b0 - running_mean)
-        w_node = _new_attr(gm, graph, f"{conv.name}_folded_weight", w, mul)
-        b_node = _new_attr(gm, graph, f"{conv.name}_folded_bias", b, conv)
-        mul.replace_all_uses_with(w_node)
-        cargs = _conv_args(conv)
-        cargs[2] = b_node
-        conv.args = tuple(cargs)
-        bn.replace_all_uses_with(conv)
+        w = raw_w * factor.reshape([-1] + [1] * (raw_w.dim() - 1))
+        w_node = _new_attr(gm, f"{conv.name}_folded_weight", w, fq if fq is not None else conv)
+        b_node = _new_attr(gm, f"{conv.name}_folded_bias", beta + factor * (b0 - running_mean), conv)
+        if fq is not None:
+            fq.args = (w_node,)
+        args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
+        args[1] = fq if fq is not None else w_node
+        args[2] = b_node
+        conv.args = tuple(args)
+        for user in list(bn.users):
+            user.replace_all_uses_with(conv)
+            graph.erase_node(user)
+        graph.erase_node(bn)
         del conv.meta[FUSED_TAG]
         folded += 1
     _drop_bn_counters(gm)
@@ -174,7 +175,7 @@ def fold_fused_bn(gm: GraphModule) -> int:
 def _drop_bn_counters(gm: GraphModule) -> None:
     """Remove `num_batches_tracked += 1` updates, which have no meaning after folding."""
     for node in list(gm.graph.nodes):
-        if node.target in (aten.add_.Tensor,) and not node.users:
+        if node.target == aten.add_.Tensor and not node.users:
             target = node.args[0]
             if isinstance(target, Node) and target.op == "get_attr" and str(target.target).endswith(
                 "num_batches_tracked"
@@ -189,8 +190,8 @@ def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool) -> None:
     """
     changed = False
     for node in gm.graph.nodes:
-        if node.target == BN_OP:
-            args = _bn_args(node)
+        if node.target in BN_OPS:
+            args = _bn_args(node) + list(node.args[8:])
             if args[_BN_TRAINING] != batchnorm:
                 args[_BN_TRAINING] = batchnorm
                 node.args = tuple(args)

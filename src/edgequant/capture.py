@@ -7,6 +7,7 @@ model runs at any batch size.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Sequence
@@ -106,24 +107,22 @@ def explain_export_failure(model: nn.Module, error: BaseException) -> str:
 
 
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
-    """Export `model` (in train mode, batch dimension dynamic) to an ATen graph module."""
+    """Export a copy of `model` (in train mode, batch dimension dynamic) to an ATen graph module."""
     inputs = _batch_of_two(check_example_inputs(example_inputs))
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in inputs)
-    was_training = model.training
-    model.train()
+    # The exported graph would share parameters with the caller's model; QAT must not
+    # train the user's float model in place.
+    model = copy.deepcopy(model).train()
     try:
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+    except Exception as dynamic_error:
         try:
-            program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
-        except Exception as dynamic_error:
-            try:
-                torch.export.export(model, inputs)
-            except Exception:
-                raise CaptureError(explain_export_failure(model, dynamic_error)) from None
-            raise CaptureError(
-                explain_export_failure(model, dynamic_error)
-                + "\nThe model exports at a fixed batch size only; wrapping needs any batch size to work."
-            ) from None
-    finally:
-        model.train(was_training)
+            torch.export.export(model, inputs)
+        except Exception:
+            raise CaptureError(explain_export_failure(model, dynamic_error)) from None
+        raise CaptureError(
+            explain_export_failure(model, dynamic_error)
+            + "\nThe model exports at a fixed batch size only; wrapping needs any batch size to work."
+        ) from None
     return program.module()

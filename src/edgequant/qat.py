@@ -9,7 +9,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-from .batchnorm import set_graph_training
+from .batchnorm import attach_bn_factors, set_graph_training
 from .capture import capture
 from .convert import convert
 from .export import ExportResult, export_onnx
@@ -43,6 +43,7 @@ class QATModule(nn.Module):
         self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
         graph = capture(model, self.example_inputs)
         self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
+        attach_bn_factors(self.model)
         # [epoch, trained-since-last-train()-call]; a buffer so checkpoints resume the schedule.
         self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
         self._init_ranges()

@@ -18,7 +18,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from .batchnorm import BN_OP, CONV_OPS, FUSED_TAG, HELPER_TAG, fuse_conv_bn_for_qat
+from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fuse_conv_bn_for_qat
 from .observers import FakeQuantize, RangeObserver
 from .scheme import Scheme
 
@@ -56,8 +56,6 @@ REQUANT_OPS = (
 )
 # Ops whose output keeps the input's quantization (the values are a subset of the input's).
 SHARED_OPS = (aten.max_pool2d.default,)
-# Nodes inserted by the conv-BN fusion that sit between a conv and its BN.
-_FUSION_OPS = (aten.div.Tensor, aten.add.Tensor, BN_OP)
 
 
 def _annotated(node: Node) -> bool:
@@ -130,7 +128,7 @@ class EdgeQuantizer(Quantizer):
 
     def annotate(self, model: GraphModule) -> GraphModule:
         for node in model.graph.nodes:
-            if node.op != "call_function" or _annotated(node) or node.meta.get(HELPER_TAG):
+            if node.op != "call_function" or _annotated(node):
                 continue
             if node.target in WEIGHTED_OPS:
                 self._annotate_weighted(node)
@@ -148,16 +146,13 @@ class EdgeQuantizer(Quantizer):
         return {a: self.act_spec for a in args if _is_tensor(a)}
 
     def _fused_tail(self, node: Node) -> tuple[Node, list[Node]]:
-        """Follow the fused BN form and one activation; return (output node, inner nodes)."""
+        """Follow a fused BN (conv -> bn -> getitem) and one activation; return (output, inner nodes)."""
         inner: list[Node] = []
         end = node
-        if node.meta.get(FUSED_TAG):
-            # conv -> div -> [add bias] -> batch_norm, as written by fuse_conv_bn_for_qat
-            while (user := _sole_user(end)) is not None and user.target in _FUSION_OPS:
-                inner.append(end)
-                end = user
-                if user.target == BN_OP:
-                    break
+        bn = _sole_user(node) if node.meta.get(FUSED_TAG) else None
+        if bn is not None and bn.target == FUSED_BN_OP and (item := _sole_user(bn)) is not None:
+            inner += [node, bn]
+            end = item
         user = _sole_user(end)
         if user is not None and user.target in FUSED_ACTIVATIONS:
             inner.append(end)
