@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import statistics
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Quiet torchao's import-time pytree deprecation warning, as edgequant itself does.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
