@@ -12,6 +12,8 @@ import torch
 from torch.fx import GraphModule
 
 from .parity import ParityError, ParityReport, compare, reexport, session
+from .scheme import Scheme
+from .tidl import write_deploy_files
 
 qd = torch.ops.quantized_decomposed
 # The dynamo exporter starts at 18; int16 QuantizeLinear / DequantizeLinear need 21.
@@ -20,12 +22,17 @@ MIN_OPSET, INT16_OPSET, MAX_OPSET = 18, 21, 23
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What `export()` wrote, and how onnxruntime compared."""
+
     path: Path
     opset: int
     parity: ParityReport
+    options_path: Path
+    tidl_path: Path | None = None
 
     def __str__(self) -> str:
-        return f"wrote {self.path} (opset {self.opset}); {self.parity}"
+        tidl = f", {self.tidl_path.name} for TIDL" if self.tidl_path else ""
+        return f"wrote {self.path} (opset {self.opset}) with {self.options_path.name}{tidl}; {self.parity}"
 
 
 def _uses_int16(model: GraphModule) -> bool:
@@ -60,9 +67,13 @@ def export_onnx(
     converted: GraphModule,
     example_inputs: tuple[torch.Tensor, ...],
     path: str | os.PathLike,
+    scheme: Scheme,
     opset: int | None = None,
 ) -> ExportResult:
     """Export with a dynamic batch, check it in onnxruntime, then move it into place.
+
+    Next to the model it writes the TIDL options file (and, for 16-bit layers, the
+    8-bit-only model TIDL imports); see `tidl.py`.
 
     The file is written under a temporary name and renamed only after the parity
     check passes, so an interrupted or rejected export never clobbers a good file.
@@ -90,4 +101,5 @@ def export_onnx(
             os.remove(tmp)
         raise
     os.replace(tmp, path)
-    return ExportResult(path, opset, parity)
+    options_path, tidl_path = write_deploy_files(path, reference, scheme)
+    return ExportResult(path, opset, parity, options_path, tidl_path)

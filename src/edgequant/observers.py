@@ -15,12 +15,13 @@ from . import scales
 
 
 class RangeObserver(ObserverBase):
-    """Per-tensor min/max observer with symmetric power-of-2 or free scales.
+    """Min/max observer, per tensor or per channel, with power-of-2 or free scales.
 
     With `averaging_constant=None` it keeps the running min and max of everything
     seen (PTQ); with a float c it averages the observed min and max (cumulatively
     for the first 1/c updates, then as a moving average), which lets QAT ranges
     follow weights and activations as they train. c=1 tracks the latest tensor.
+    `channel_axis` selects one range per slice along that axis (weights: 0).
     """
 
     min_val: torch.Tensor
@@ -34,6 +35,7 @@ class RangeObserver(ObserverBase):
         power_of_2: bool = True,
         symmetric: bool = True,
         averaging_constant: float | None = None,
+        channel_axis: int | None = None,
         is_dynamic: bool = False,
         **_: object,
     ) -> None:
@@ -44,58 +46,82 @@ class RangeObserver(ObserverBase):
         self.power_of_2 = power_of_2
         self.symmetric = symmetric
         self.averaging_constant = averaging_constant
-        self.qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+        # torchao reads `ch_axis`; it is passed as `channel_axis` because torchao's
+        # prepare drops a `ch_axis` argument for observers not named "PerChannel...".
+        self.ch_axis = channel_axis
+        if channel_axis is None:
+            self.qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+        else:
+            self.qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
 
+    def extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of x: scalars, or one per channel along ch_axis."""
+        x = x.detach().to(torch.float32)
+        if self.ch_axis is None:
+            return torch.aminmax(x)
+        flat = x.movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
+        # amin / amax separately: aminmax with dim is several times slower on CPU.
+        return flat.amin(dim=1), flat.amax(dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Runs every training step for every quantizer: tensor ops only, no host syncs.
-        if x.numel() == 0:
-            return x
-        batch_min, batch_max = torch.aminmax(x.detach().to(torch.float32))
+        if x.numel():
+            self.update(*self.extremes(x))
+        return x
+
+    def update(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        """Fold one batch's extremes into the range; tensor ops only, no host syncs."""
+        if self.min_val.shape != batch_min.shape:
+            self.min_val = torch.full_like(batch_min, float("inf"))
+            self.max_val = torch.full_like(batch_max, float("-inf"))
         c = self.averaging_constant
         if c is None:
             torch.minimum(self.min_val, batch_min, out=self.min_val)
             torch.maximum(self.max_val, batch_max, out=self.max_val)
-        else:
-            # A plain running mean for the first 1/c updates, then the moving average:
-            # ranges settle within a few steps instead of drifting from their first value.
-            self.updates += 1
-            weight = torch.clamp(1.0 / self.updates, min=c)
-            self.min_val.copy_(torch.where(self.updates > 1, torch.lerp(self.min_val, batch_min, weight), batch_min))
-            self.max_val.copy_(torch.where(self.updates > 1, torch.lerp(self.max_val, batch_max, weight), batch_max))
-        return x
+            return
+        # A plain running mean for the first 1/c updates, then the moving average:
+        # ranges settle within a few steps instead of drifting from their first value.
+        self.updates += 1
+        weight = torch.clamp(1.0 / self.updates, min=c)
+        first = self.updates == 1
+        self.min_val.copy_(torch.where(first, batch_min, torch.lerp(self.min_val, batch_min, weight)))
+        self.max_val.copy_(torch.where(first, batch_max, torch.lerp(self.max_val, batch_max, weight)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # Per-channel ranges are sized on first use; take the checkpoint's size.
+        for name in ("min_val", "max_val"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def has_range(self) -> bool:
-        return bool(torch.isfinite(self.min_val) and torch.isfinite(self.max_val))
+        return bool(torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all())
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the current range (which must have been observed)."""
         if self.symmetric:
             max_abs = torch.maximum(-self.min_val, self.max_val)
             scale = scales.symmetric_scale(max_abs, self.quant_max, self.power_of_2)
-            zero_point = torch.zeros((), dtype=torch.int32)
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
         else:
-            scale, zero_point = scales.asymmetric_qparams(
-                self.min_val, self.max_val, self.quant_min, self.quant_max
-            )
-        return scale.reshape(1), zero_point.reshape(1)
+            scale, zero_point = scales.asymmetric_qparams(self.min_val, self.max_val, self.quant_min, self.quant_max)
+        return scale.reshape(-1), zero_point.reshape(-1)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.has_range:
             # Nothing observed yet (a branch never run): a unit scale keeps the graph valid.
-            return torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
+            shape = self.min_val.shape if self.min_val.dim() else (1,)
+            return torch.ones(shape), torch.zeros(shape, dtype=torch.int32)
         return self.qparams()
 
     def extra_repr(self) -> str:
         kind = "pow2" if self.power_of_2 else "free"
-        return (
-            f"dtype={self.dtype}, range=[{self.quant_min}, {self.quant_max}], {kind}, "
-            f"min={self.min_val.item():.4g}, max={self.max_val.item():.4g}"
-        )
+        axis = "per-tensor" if self.ch_axis is None else f"per-channel (axis {self.ch_axis})"
+        return f"dtype={self.dtype}, range=[{self.quant_min}, {self.quant_max}], {kind}, {axis}"
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -128,10 +154,10 @@ class _FakeQuant(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _scaled_abs_max(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """[-m, m] with m = max |w * factor| (factor per output channel), without forming w * factor."""
-    m = (w.reshape(w.shape[0], -1).abs().amax(dim=1) * factor.abs()).max()
-    return torch.stack([-m, m])
+def _scaled_abs_max(w: torch.Tensor, factor: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """max |w * factor| (factor per output channel), per channel or overall, without forming w * factor."""
+    m = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1) * factor.abs()
+    return m if per_channel else m.max()
 
 
 class FakeQuantize(_TorchaoFakeQuantize):
@@ -154,17 +180,27 @@ class FakeQuantize(_TorchaoFakeQuantize):
         obs = self.activation_post_process
         observing = bool(self.observer_enabled.item())
         if observing:
-            obs(x.detach() if bn_factor is None else _scaled_abs_max(x.detach(), bn_factor))
+            if bn_factor is None:
+                obs(x)
+            else:
+                m = _scaled_abs_max(x, bn_factor, obs.ch_axis is not None)
+                obs.update(-m, m)
             scale, zero_point = obs.qparams()
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
         if not self.fake_quant_enabled.item():
             return x
-        scale = self.scale
+        scale, zero_point = self.scale, None if obs.symmetric else self.zero_point
         if bn_factor is not None:
-            shape = [-1] + [1] * (x.dim() - 1)
-            scale = (scale / torch.clamp(bn_factor.abs(), min=1e-30)).reshape(shape)
-        zero_point = None if obs.symmetric else self.zero_point
+            scale = scale / torch.clamp(bn_factor.abs(), min=1e-30)
+        if scale.numel() > 1 or bn_factor is not None:
+            shape = [1] * x.dim()
+            shape[obs.ch_axis or 0] = -1
+            scale = scale.reshape(shape)
+            zero_point = None if zero_point is None else zero_point.reshape(shape)
         # Weights re-ranged on this very tensor are never clipped: no clip mask needed.
         clip_mask = not (observing and obs.averaging_constant == 1.0 and obs.symmetric)
         return _FakeQuant.apply(x, scale, zero_point, obs.quant_min, obs.quant_max, clip_mask)

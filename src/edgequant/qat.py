@@ -101,4 +101,4 @@ class QATModule(nn.Module):
 
     def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
         """Write QDQ ONNX and check it in onnxruntime against `convert()` on the example inputs."""
-        return export_onnx(self.convert(), self.example_inputs, path, opset)
+        return export_onnx(self.convert(), self.example_inputs, path, self.scheme, opset)

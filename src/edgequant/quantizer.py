@@ -2,12 +2,18 @@
 
 The rules follow what fixed-point engines such as TIDL run: every conv / linear
 reads a quantized input and quantized weights and writes a quantized output
-after its fused BN and activation; residual adds and pools requantize their
-outputs; shape-only ops pass the quantized tensor through. Biases are left to
-`convert.quantize_biases`, which gives them the int32 scale s_in * s_w.
+after its fused BN and activation; residual adds, pools and other requantizing ops
+quantize their outputs; shape-only ops pass the quantized tensor through. Biases
+are left to `convert.quantize_biases`, which gives them the int32 scale s_in * s_w.
+
+Mixed precision: a 16-bit layer gets 16-bit weights and a 16-bit output. Every
+input is read at the precision its producer wrote it in, so an 8 -> 16 or 16 -> 8
+transition is a single Q/DQ pair and nothing is rounded twice.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
@@ -20,6 +26,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fuse_conv_bn_for_qat
 from .observers import FakeQuantize, RangeObserver
+from .scales import qrange
 from .scheme import Scheme
 
 aten = torch.ops.aten
@@ -56,6 +63,28 @@ REQUANT_OPS = (
 )
 # Ops whose output keeps the input's quantization (the values are a subset of the input's).
 SHARED_OPS = (aten.max_pool2d.default,)
+# Ops that only move or reshape values: a quantized input stays quantized at the same precision.
+PASS_THROUGH_OPS = (
+    aten.flatten.using_ints,
+    aten.reshape.default,
+    aten.view.default,
+    aten.permute.default,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+    aten.dropout.default,
+    aten.dropout_.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    *SHARED_OPS,
+)
+_BITS_KEY = "edgequant_bits"
+
+
+@dataclass(frozen=True)
+class _Specs:
+    activation: QuantizationSpec
+    weight: QuantizationSpec
+    depthwise_weight: QuantizationSpec
 
 
 def _annotated(node: Node) -> bool:
@@ -81,6 +110,41 @@ def _sole_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def module_name(node: Node) -> str:
+    """Qualified name of the innermost module a node came from ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def is_depthwise(node: Node) -> bool:
+    if node.target not in CONV_OPS:
+        return False
+    groups = node.args[6] if len(node.args) > 6 else 1
+    weight = node.args[1].meta.get("val")
+    return groups > 1 and weight is not None and weight.shape[1] == 1
+
+
+def high_precision_layers(model: GraphModule, scheme: Scheme) -> set[Node]:
+    """The conv / linear nodes the scheme runs in 16 bit."""
+    choice = scheme.high_precision
+    if choice is None or not scheme.is_mixed:
+        return set()
+    weighted = [n for n in model.graph.nodes if n.op == "call_function" and n.target in WEIGHTED_OPS]
+    if choice == "first_last":
+        return {weighted[0], weighted[-1]} if weighted else set()
+    if callable(choice):
+        return {n for n in weighted if choice(module_name(n))}
+    chosen = {n for n in weighted if any(module_name(n) == c or module_name(n).startswith(c + ".") for c in choice)}
+    named = {module_name(n) for n in weighted}
+    missing = [c for c in choice if not any(m == c or m.startswith(c + ".") for m in named)]
+    if missing:
+        raise ValueError(
+            f"high_precision names no conv or linear layer: {', '.join(missing)}. "
+            f"Quantizable layers include: {', '.join(sorted(named)[:12])}{' ...' if len(named) > 12 else ''}"
+        )
+    return chosen
+
+
 class EdgeQuantizer(Quantizer):
     """Annotates an exported graph for one `Scheme`, for PTQ (observers) or QAT (fake-quant)."""
 
@@ -88,37 +152,57 @@ class EdgeQuantizer(Quantizer):
         super().__init__()
         self.scheme = scheme
         self.qat = qat
-        wmin, wmax = scheme.weight_range
-        amin, amax = scheme.activation_range
-        wdtype = torch.int8 if scheme.weight_bits == 8 else torch.int16
-        adtype = torch.int8 if scheme.activation_bits == 8 else torch.int16
-        act_kwargs = dict(
-            dtype=adtype,
+        self.specs = {bits: self._make_specs(bits) for bits in {scheme.activation_bits, 16}}
+        self.default_bits = scheme.activation_bits
+
+    def _make_specs(self, bits: int) -> _Specs:
+        scheme = self.scheme
+        dtype = torch.int8 if bits == 8 else torch.int16
+        wbits = scheme.weight_bits if bits == scheme.activation_bits else 16
+        wdtype = torch.int8 if wbits == 8 else torch.int16
+        amin, amax = qrange(bits)
+        wmin, wmax = qrange(wbits)
+        # torchao adds dtype / range / qscheme from the spec when it builds each module.
+        common = dict(power_of_2=scheme.power_of_2)
+        if self.qat:
+            # Activations follow a moving average; weights are re-ranged every step.
+            act_ctr = FakeQuantize.with_args(
+                observer=RangeObserver, averaging_constant=0.01, symmetric=scheme.symmetric_activations, **common
+            )
+        else:
+            act_ctr = RangeObserver.with_args(symmetric=scheme.symmetric_activations, **common)
+
+        def weight_ctr(axis: int | None) -> object:
+            if self.qat:
+                return FakeQuantize.with_args(
+                    observer=RangeObserver, averaging_constant=1.0, symmetric=True, channel_axis=axis, **common
+                )
+            return RangeObserver.with_args(symmetric=True, channel_axis=axis, **common)
+
+        sym = scheme.symmetric_activations
+        act = QuantizationSpec(
+            dtype=dtype,
             quant_min=amin,
             quant_max=amax,
-            power_of_2=scheme.power_of_2,
-            symmetric=scheme.symmetric_activations,
+            qscheme=torch.per_tensor_symmetric if sym else torch.per_tensor_affine,
+            observer_or_fake_quant_ctr=act_ctr,
         )
-        weight_kwargs = dict(
-            dtype=wdtype, quant_min=wmin, quant_max=wmax, power_of_2=scheme.power_of_2, symmetric=True
-        )
-        if qat:
-            # Activations follow a moving average; weights are re-ranged every step.
-            act_ctr = FakeQuantize.with_args(observer=RangeObserver, averaging_constant=0.01, **act_kwargs)
-            weight_ctr = FakeQuantize.with_args(observer=RangeObserver, averaging_constant=1.0, **weight_kwargs)
-        else:
-            act_ctr = RangeObserver.with_args(**act_kwargs)
-            weight_ctr = RangeObserver.with_args(**weight_kwargs)
-        act_qscheme = torch.per_tensor_symmetric if scheme.symmetric_activations else torch.per_tensor_affine
-        self.act_spec = QuantizationSpec(
-            dtype=adtype, quant_min=amin, quant_max=amax, qscheme=act_qscheme, observer_or_fake_quant_ctr=act_ctr
-        )
-        self.weight_spec = QuantizationSpec(
-            dtype=wdtype,
-            quant_min=wmin,
-            quant_max=wmax,
-            qscheme=torch.per_tensor_symmetric,
-            observer_or_fake_quant_ctr=weight_ctr,
+
+        def weight_spec(per_channel: bool) -> QuantizationSpec:
+            return QuantizationSpec(
+                dtype=wdtype,
+                quant_min=wmin,
+                quant_max=wmax,
+                qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+                ch_axis=0 if per_channel else None,
+                observer_or_fake_quant_ctr=weight_ctr(0 if per_channel else None),
+            )
+
+        granularity = scheme.weight_granularity
+        return _Specs(
+            activation=act,
+            weight=weight_spec(granularity == "per_channel"),
+            depthwise_weight=weight_spec(granularity != "per_tensor"),
         )
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
@@ -127,11 +211,12 @@ class EdgeQuantizer(Quantizer):
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        high = high_precision_layers(model, self.scheme)
         for node in model.graph.nodes:
             if node.op != "call_function" or _annotated(node):
                 continue
             if node.target in WEIGHTED_OPS:
-                self._annotate_weighted(node)
+                self._annotate_weighted(node, 16 if node in high else self.default_bits)
             elif node.target in REQUANT_OPS:
                 self._annotate_requant(node)
             elif node.target in SHARED_OPS:
@@ -141,9 +226,19 @@ class EdgeQuantizer(Quantizer):
     def validate(self, model: GraphModule) -> None:
         return None
 
-    def _input_specs(self, node: Node) -> dict[Node, object]:
+    def _input_bits(self, node: Node, fallback: int) -> int:
+        """Precision the input was written in: its producer's, through pass-through ops."""
+        while isinstance(node, Node):
+            if _BITS_KEY in node.meta:
+                return node.meta[_BITS_KEY]
+            if node.target not in PASS_THROUGH_OPS or not node.args:
+                break
+            node = node.args[0]
+        return fallback
+
+    def _inputs(self, node: Node, fallback: int) -> dict[Node, object]:
         args = node.args[0] if node.target == aten.cat.default else node.args
-        return {a: self.act_spec for a in args if _is_tensor(a)}
+        return {a: self.specs[self._input_bits(a, fallback)].activation for a in args if _is_tensor(a)}
 
     def _fused_tail(self, node: Node) -> tuple[Node, list[Node]]:
         """Follow a fused BN (conv -> bn -> getitem) and one activation; return (output, inner nodes)."""
@@ -159,17 +254,22 @@ class EdgeQuantizer(Quantizer):
             end = user
         return end, inner
 
-    def _annotate_weighted(self, node: Node) -> None:
+    def _annotate_weighted(self, node: Node, bits: int) -> None:
         x, weight = node.args[0], node.args[1]
+        specs = self.specs[bits]
         out, inner = self._fused_tail(node)
-        inputs = {x: self.act_spec, weight: self.weight_spec}
+        inputs = {
+            x: self.specs[self._input_bits(x, bits)].activation,
+            weight: specs.depthwise_weight if is_depthwise(node) else specs.weight,
+        }
+        out.meta[_BITS_KEY] = bits
         if out is node:
-            _mark(node, inputs, self.act_spec)
+            _mark(node, inputs, specs.activation)
             return
         _mark(node, inputs)
         for n in inner[1:]:
             _mark(n)
-        _mark(out, output=self.act_spec)
+        _mark(out, output=specs.activation)
 
     def _annotate_requant(self, node: Node) -> None:
         if not _is_tensor(node):
@@ -178,12 +278,17 @@ class EdgeQuantizer(Quantizer):
         user = _sole_user(node)
         if node.target not in FUSED_ACTIVATIONS and user is not None and user.target in FUSED_ACTIVATIONS:
             out = user
+        bits = self.default_bits
+        out.meta[_BITS_KEY] = bits
+        inputs = self._inputs(node, bits)
         if out is node:
-            _mark(node, self._input_specs(node), self.act_spec)
+            _mark(node, inputs, self.specs[bits].activation)
             return
-        _mark(node, self._input_specs(node))
-        _mark(out, output=self.act_spec)
+        _mark(node, inputs)
+        _mark(out, output=self.specs[bits].activation)
 
     def _annotate_shared(self, node: Node) -> None:
         x = node.args[0]
-        _mark(node, {x: self.act_spec}, SharedQuantizationSpec((x, node)))
+        bits = self._input_bits(x, self.default_bits)
+        node.meta[_BITS_KEY] = bits
+        _mark(node, {x: self.specs[bits].activation}, SharedQuantizationSpec((x, node)))

@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from .scales import qrange
+
+Granularity = Literal["per_tensor", "per_channel", "depthwise_per_channel"]
+# Which layers run in 16 bit: module names, "first_last", or a predicate on the module name.
+HighPrecision = tuple[str, ...] | Literal["first_last"] | Callable[[str], bool] | None
+GRANULARITIES = ("per_tensor", "per_channel", "depthwise_per_channel")
 
 
 @dataclass(frozen=True)
 class Scheme:
     """How weights and activations are quantized.
 
-    A scheme is data only; `QATModule` (and the quantizer it builds) applies it.
-    Use a preset by name, or `dataclasses.replace(eq.get_scheme("int8_pow2"), ...)`
-    to derive a variant.
+    A scheme is data only; the wrappers (and the quantizer they build) apply it.
+    Use a preset by name, or derive one:
+    ``eq.get_scheme("int8_pow2").with_high_precision(["features.0", "classifier"])``.
+
+    - ``weight_granularity``: one scale per weight tensor, one per output channel, or
+      per channel for depthwise convs only (where per-tensor scales collapse).
+    - ``symmetric_activations``: zero point 0 (required with power-of-2 scales), or an
+      asymmetric range with a zero point.
+    - ``high_precision``: layers that run with 16-bit weights and outputs while the
+      rest use ``weight_bits`` / ``activation_bits``: module names (a name covers its
+      submodules), ``"first_last"`` (the first conv and the last layer), or a
+      callable taking a module name.
     """
 
     name: str = "custom"
     weight_bits: int = 8
     activation_bits: int = 8
     power_of_2: bool = True
-    per_channel_weights: bool = False
+    weight_granularity: Granularity = "per_tensor"
     symmetric_activations: bool = True
+    high_precision: HighPrecision = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -29,11 +46,18 @@ class Scheme:
             bits = getattr(self, field_name)
             if bits not in (8, 16):
                 raise ValueError(f"Scheme.{field_name} must be 8 or 16, got {bits}")
+        if self.weight_granularity not in GRANULARITIES:
+            raise ValueError(f"Scheme.weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}")
         if self.power_of_2 and not self.symmetric_activations:
             raise ValueError(
                 "power-of-2 schemes are symmetric: engines that shift instead of "
                 "multiply have no zero point; set symmetric_activations=True"
             )
+        hp = self.high_precision
+        if isinstance(hp, str) and hp != "first_last":
+            raise ValueError(f"high_precision must be a list of module names, 'first_last' or a callable, got {hp!r}")
+        if isinstance(hp, Sequence) and not isinstance(hp, str):
+            object.__setattr__(self, "high_precision", tuple(hp))
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -43,23 +67,56 @@ class Scheme:
     def activation_range(self) -> tuple[int, int]:
         return qrange(self.activation_bits)
 
-    def with_name(self, name: str) -> Scheme:
-        return replace(self, name=name)
+    @property
+    def is_mixed(self) -> bool:
+        return self.high_precision is not None and (self.weight_bits, self.activation_bits) != (16, 16)
+
+    def with_high_precision(self, layers: HighPrecision) -> Scheme:
+        """This scheme with chosen layers in 16 bit."""
+        name = self.name if layers is None else f"{self.name}+16bit"
+        return replace(self, name=name, high_precision=layers)
+
+
+def _preset(name: str, description: str, **fields: object) -> Scheme:
+    return Scheme(name=name, description=description, **fields)
 
 
 PRESETS: dict[str, Scheme] = {
-    "int8_pow2": Scheme(
-        name="int8_pow2",
-        weight_bits=8,
-        activation_bits=8,
-        power_of_2=True,
-        per_channel_weights=False,
-        symmetric_activations=True,
-        description=(
+    s.name: s
+    for s in (
+        _preset(
+            "int8_pow2",
             "int8 weights and activations, symmetric, per-tensor, power-of-2 scales "
-            "(legacy devices such as TDA4VM)"
+            "(legacy devices such as TDA4VM)",
         ),
-    ),
+        _preset(
+            "int8",
+            "int8; weights symmetric per output channel, activations symmetric per-tensor; "
+            "free (float) scales (newer devices: AM62A, AM68A, AM69A, TDA4VH)",
+            power_of_2=False,
+            weight_granularity="per_channel",
+        ),
+        _preset(
+            "int8_pow2_dw",
+            "int8_pow2, except that depthwise conv weights get one power-of-2 scale per "
+            "channel (depthwise layers are where per-tensor scales collapse)",
+            weight_granularity="depthwise_per_channel",
+        ),
+        _preset(
+            "int16",
+            "int16 weights (per channel) and activations (per tensor), symmetric, free scales",
+            weight_bits=16,
+            activation_bits=16,
+            power_of_2=False,
+            weight_granularity="per_channel",
+        ),
+        _preset(
+            "int16_pow2",
+            "int16 weights and activations, symmetric, per-tensor, power-of-2 scales",
+            weight_bits=16,
+            activation_bits=16,
+        ),
+    )
 }
 
 
