@@ -9,7 +9,7 @@ import torch
 from onnx import numpy_helper
 
 from edgequant.data import digits_tensors
-from edgequant.training import build_model
+from edgequant.training import build_model, float_digits_model
 
 ZOO = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 
@@ -39,9 +39,20 @@ def warmed_model(name: str, data: torch.Tensor, steps: int = 4) -> torch.nn.Modu
     return model.eval()
 
 
-def initializers(path) -> dict[str, np.ndarray]:
-    model = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """Factory: a torchvision model briefly trained on digits (confident, not random, logits)."""
+    cache = tmp_path_factory.mktemp("float_models")
+    models: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in models:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("EDGEQUANT_CACHE", str(cache))
+                models[name] = float_digits_model(name, epochs=2, progress=False)
+        return models[name]
+
+    return get
 
 
 def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:

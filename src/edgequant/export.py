@@ -101,5 +101,5 @@ def export_onnx(
             os.remove(tmp)
         raise
     os.replace(tmp, path)
-    options_path, tidl_path = write_deploy_files(path, reference, scheme)
+    options_path, tidl_path = write_deploy_files(path, scheme)
     return ExportResult(path, opset, parity, options_path, tidl_path)

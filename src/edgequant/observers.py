@@ -89,7 +89,7 @@ class RangeObserver(ObserverBase):
         self.min_val.copy_(torch.where(first, batch_min, torch.lerp(self.min_val, batch_min, weight)))
         self.max_val.copy_(torch.where(first, batch_max, torch.lerp(self.max_val, batch_max, weight)))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Per-channel ranges are sized on first use; take the checkpoint's size.
         for name in ("min_val", "max_val"):
             if prefix + name in state_dict:

@@ -47,7 +47,9 @@ class Scheme:
             if bits not in (8, 16):
                 raise ValueError(f"Scheme.{field_name} must be 8 or 16, got {bits}")
         if self.weight_granularity not in GRANULARITIES:
-            raise ValueError(f"Scheme.weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}")
+            raise ValueError(
+                f"Scheme.weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}"
+            )
         if self.power_of_2 and not self.symmetric_activations:
             raise ValueError(
                 "power-of-2 schemes are symmetric: engines that shift instead of "

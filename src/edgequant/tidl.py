@@ -20,15 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, numpy_helper
-from torch.fx import GraphModule, Node
 
-from .parity import DQ_OPS, Q_OPS
 from .scheme import Scheme
 
-aten = torch.ops.aten
-WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
 SCALE_TYPE_POW2, SCALE_TYPE_PER_CHANNEL = 1, 4
 
 
@@ -37,37 +32,48 @@ class Layer:
     """A conv / linear layer as named in the ONNX graph, with its precisions."""
 
     name: str  # output of the Conv / Gemm node
-    feature: str  # the layer's quantized output tensor (after BN / activation)
+    feature: str  # the layer's output tensor as quantized (after its activation)
     weight_bits: int
     output_bits: int
 
 
-def _bits(node: Node) -> int:
-    return 16 if node.args[-1] == torch.int16 else 8
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
-def _quantized_output(node: Node) -> Node | None:
-    """Follow single users to the quantize node that closes this layer."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if user.target in Q_OPS:
-            return user
-        node = user
-    return next((u for u in node.users if u.target in Q_OPS), None)
+def _dtype_bits(array: np.ndarray | None) -> int:
+    return {np.dtype(np.int8): 8, np.dtype(np.int16): 16}.get(np.dtype(array.dtype), 32) if array is not None else 32
 
 
-def layers(reference: GraphModule) -> list[Layer]:
-    """Every conv / linear of the re-exported graph, whose node names are the ONNX names."""
+def layers(model: onnx.ModelProto) -> list[Layer]:
+    """Every Conv / Gemm of the ONNX graph with its weight and output precision."""
+    graph = model.graph
+    values = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     found = []
-    for node in reference.graph.nodes:
-        if node.target not in WEIGHTED_OPS:
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
             continue
-        weight = node.args[1]
-        q_out = _quantized_output(node)
-        weight_bits = _bits(weight) if isinstance(weight, Node) and weight.target in DQ_OPS else 32
-        output_bits = _bits(q_out) if q_out is not None else 32
-        feature = q_out.args[0].name if q_out is not None else node.name
-        found.append(Layer(node.name, feature, weight_bits, output_bits))
+        weight_dq = producer.get(node.input[1])
+        weight_bits = 32
+        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear":
+            weight_bits = _dtype_bits(values.get(weight_dq.input[0]))
+        # Follow single consumers (Relu, Clip, ...) to the QuantizeLinear that closes the layer.
+        tensor, output_bits = node.output[0], 32
+        while len(users := consumers.get(tensor, [])) == 1:
+            if users[0].op_type == "QuantizeLinear":
+                output_bits = _dtype_bits(values.get(users[0].input[2]))
+                break
+            tensor = users[0].output[0]
+        found.append(Layer(node.output[0], tensor, weight_bits, output_bits))
     return found
 
 
@@ -107,10 +113,7 @@ def strip_int16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Remove int16 Q/DQ pairs and dequantize int16 weights; return (model, pairs removed)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    values = _constants(graph)
     q16 = _int16_outputs(graph, values)
     rename: dict[str, str] = {}
     drop = []
@@ -162,15 +165,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_deploy_files(onnx_path: Path, reference: GraphModule, scheme: Scheme) -> tuple[Path, Path | None]:
+def write_deploy_files(onnx_path: Path, scheme: Scheme) -> tuple[Path, Path | None]:
     """Write the options file, and the TIDL model when 16-bit tensors must be stripped."""
-    model_layers = layers(reference)
+    model = onnx.load(str(onnx_path))
+    model_layers = layers(model)
     opts = options(scheme, model_layers)
     options_path = onnx_path.with_name(f"{onnx_path.stem}.options.json")
     _write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
     if not any(layer.output_bits == 16 or layer.weight_bits == 16 for layer in model_layers):
         return options_path, None
-    stripped, _ = strip_int16(onnx.load(str(onnx_path)))
+    stripped, _ = strip_int16(model)
     tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
     _write_atomic(tidl_path, stripped.SerializeToString())
     return options_path, tidl_path

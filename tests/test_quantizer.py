@@ -1,0 +1,171 @@
+"""Each preset's rules, read back from the exported ONNX file; mixed-precision boundaries."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import edgequant as eq
+from edgequant.parity import run_onnx, session
+
+from .conftest import constant_values, warmed_model
+
+PRESETS = ("int8_pow2", "int8", "int8_pow2_dw", "int16", "int16_pow2")
+
+
+def _is_pow2(a: np.ndarray) -> bool:
+    return bool(np.all(np.frexp(a.astype(np.float32))[0] == 0.5))
+
+
+@pytest.fixture(scope="module")
+def data(digits_train):
+    return digits_train
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_rules_in_onnx(preset, model_name, data, digits_model, tmp_path):
+    x, y = data
+    scheme = eq.get_scheme(preset)
+    qmodel = eq.QATModule(digits_model(model_name), (x[:16],), preset)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3, momentum=0.9)
+    qmodel.train()
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(qmodel(x[:16]), y[:16]).backward()
+    optimizer.step()
+    qmodel.eval()
+    result = qmodel.export(tmp_path / "m.onnx")  # raises ParityError on disagreement
+    assert result.parity.top1_agreement == 1.0
+    if scheme.power_of_2 and scheme.activation_bits == 8:
+        assert result.parity.max_abs_diff == 0.0 and result.parity.rounding is None
+    assert result.opset == (21 if scheme.activation_bits == 16 else 18)
+
+    model = onnx.load(str(result.path))
+    values = constant_values(model)
+    wdtype = np.int8 if scheme.weight_bits == 8 else np.int16
+    adtype = np.int8 if scheme.activation_bits == 8 else np.int16
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    checked_weights = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = values[node.input[1]]
+        zero_point = values[node.input[2]]
+        assert np.all(zero_point == 0) or not scheme.symmetric_activations, node.name
+        if scheme.power_of_2:
+            assert _is_pow2(scale), f"{node.name}: {scale}"
+        source = values.get(node.input[0])
+        if node.op_type == "QuantizeLinear":
+            assert zero_point.dtype == adtype, node.name
+            continue
+        if source is None or source.dtype == np.int32:  # activation DQ or int32 bias
+            continue
+        # a weight: which layer reads it, and is that layer depthwise?
+        (layer,) = consumers[node.output[0]]
+        group = next((a.i for a in layer.attribute if a.name == "group"), 1)
+        depthwise = layer.op_type == "Conv" and group > 1 and source.shape[1] == 1
+        per_channel = scheme.weight_granularity == "per_channel" or (
+            scheme.weight_granularity == "depthwise_per_channel" and depthwise
+        )
+        assert source.dtype == wdtype, node.name
+        assert np.all(zero_point == 0), node.name
+        if per_channel:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            assert scale.shape == (source.shape[0],) and axis == 0, node.name
+        else:
+            assert scale.size == 1, node.name
+        checked_weights += 1
+    assert checked_weights == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+
+
+def _int16_q_inputs(model: onnx.ModelProto) -> set[str]:
+    values = constant_values(model)
+    return {
+        n.input[0]
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and values[n.input[2]].dtype == np.int16
+    }
+
+
+def test_mixed_precision_names_only_the_chosen_layers(data, digits_model, tmp_path):
+    x, _ = data
+    scheme = eq.get_scheme("int8_pow2").with_high_precision(["conv1", "fc"])
+    qmodel = eq.QATModule(digits_model("resnet18"), (x[:16],), scheme).eval()
+    result = qmodel.export(tmp_path / "mixed.onnx")
+    # 16-bit products exceed float32's exact range, so only rounding-level differences are allowed
+    assert result.parity.top1_agreement == 1.0
+    model = onnx.load(str(result.path))
+    values = constant_values(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    sixteen_bit_layers = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight_dq = producer[node.input[1]]
+            if values[weight_dq.input[0]].dtype == np.int16:
+                sixteen_bit_layers.add(node.output[0])
+    assert len(sixteen_bit_layers) == 2
+    options = json.loads(result.options_path.read_text())
+    assert options["advanced_options:prequantized_model"] == 1
+    assert options["advanced_options:quantization_scale_type"] == 1
+    assert options["tensor_bits"] == 8
+    assert set(options["advanced_options:params_16bit_names_list"].split(",")) == sixteen_bit_layers
+    features = set(options["advanced_options:output_feature_16bit_names_list"].split(","))
+    assert len(features) == 2
+    # int16 tensors: the network input (read by the 16-bit stem), the two layer outputs,
+    # and the max-pool output that shares the stem's quantization. Nothing else.
+    int16 = _int16_q_inputs(model)
+    assert features <= int16
+    extra = int16 - features - {model.graph.input[0].name}
+    assert all(producer[name].op_type == "MaxPool" for name in extra), extra
+    # no orphan Q/DQ: every QuantizeLinear feeds only DequantizeLinear nodes
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            users = [n for n in model.graph.node if node.output[0] in n.input]
+            assert users and all(u.op_type == "DequantizeLinear" for u in users)
+
+    # The TIDL model keeps 8-bit Q/DQ only and runs.
+    assert result.tidl_path is not None
+    tidl = onnx.load(str(result.tidl_path))
+    assert not _int16_q_inputs(tidl)
+    assert all(numpy_helper.to_array(t).dtype != np.int16 for t in tidl.graph.initializer)
+    names = {o for n in tidl.graph.node for o in n.output}
+    assert sixteen_bit_layers <= names and features <= names
+    a = run_onnx(session(str(result.tidl_path)), (x[:32],))[0]
+    b = run_onnx(session(str(result.path)), (x[:32],))[0]
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("choice", ["first_last", lambda name: name in ("conv1", "fc")])
+def test_high_precision_rule_and_callable(choice, data):
+    x, _ = data
+    scheme = eq.get_scheme("int8_pow2").with_high_precision(choice)
+    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), scheme)
+    int16_weights = [
+        fq for fq in qmodel.fake_quantizers()
+        if fq.activation_post_process.averaging_constant == 1.0 and fq.dtype == torch.int16
+    ]
+    assert len(int16_weights) == 2
+
+
+def test_unknown_high_precision_name_lists_layers(data):
+    x, _ = data
+    scheme = eq.get_scheme("int8_pow2").with_high_precision(["classifier"])
+    with pytest.raises(ValueError, match=r"classifier.*conv1"):
+        eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), scheme)
+
+
+def test_int16_only_model_goes_to_tidl_in_float(data, tmp_path):
+    x, _ = data
+    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), "int16_pow2").eval()
+    result = qmodel.export(tmp_path / "m16.onnx")
+    options = json.loads(result.options_path.read_text())
+    assert options["tensor_bits"] == 16 and options["advanced_options:prequantized_model"] == 0
+    tidl = onnx.load(str(result.tidl_path))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and "int16" in n.name for n in tidl.graph.node)
+    assert not _int16_q_inputs(tidl)
