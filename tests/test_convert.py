@@ -1,3 +1,4 @@
+import math
 import operator
 
 import torch
@@ -49,3 +50,20 @@ def test_converted_model_matches_eval_wrapper_within_one_step():
     out_step = max(fq.scale.item() for fq in q.fake_quantizers())
     assert (q(x) - converted(x)).abs().max() <= out_step
     converted.eval()  # plain nn.Module behaviour, no torchao error
+
+
+def test_int16_bias_that_would_overflow_int32_gets_a_larger_pow2_scale():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 3)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([40.0, -0.5, 0.25]))  # 40 / (s_in * s_w) > 2**31 at 16 bit
+    x = torch.randn(8, 16)
+    converted = QATModule(model, (x,), "int16_pow2").eval().convert()
+    ((_, x_dq, w_dq, b_dq),) = list(_bias_dq(converted))
+    product = x_dq.args[1] * w_dq.args[1]
+    ratio = b_dq.args[1] / product
+    assert ratio > 1 and ratio == 2 ** round(math.log2(ratio))  # a power-of-2 multiple
+    q_bias = operator.attrgetter(b_dq.args[0].target)(converted)
+    assert int(q_bias.abs().max()) <= 2**31 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-2, rtol=1e-3)

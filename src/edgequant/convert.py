@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 
 import torch
@@ -54,6 +55,11 @@ def quantize_biases(model: GraphModule) -> int:
     onnxruntime does this rounding itself (its WeightBiasQuantization pass) at any
     optimisation level above "disabled"; doing it here, explicitly, makes the torch
     model, the ONNX file and the engine compute the same integers.
+
+    With 16-bit operands s_in * s_w can be so small that a bias overflows int32; the
+    bias scale is then doubled until it fits (still a power of two times s_in * s_w).
+    A float bias is never left behind: onnxruntime would quantize it to int32 with
+    s_in * s_w itself, and saturate.
     """
     graph = model.graph
     done = 0
@@ -66,6 +72,9 @@ def quantize_biases(model: GraphModule) -> int:
             continue
         b = operator.attrgetter(bias.target)(model).detach().to(torch.float32)
         s_b = (s_in * s_w).reshape(-1)
+        overflow = float((b / s_b).abs().max()) / INT32_MAX
+        if overflow > 1.0:
+            s_b = s_b * 2.0 ** math.ceil(math.log2(overflow))
         q = torch.clamp(torch.round(b / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
         name = f"{node.name}_bias_int32"
         model.register_buffer(name, q)
