@@ -50,3 +50,44 @@ def save(name: str, command: str, rows: list[dict]) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def qat_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Path) -> dict:
+    """Wrap a digits-trained model, measure before and after QAT in onnxruntime.
+
+    Returns top-1 % of the float model, of the wrapped model before any training
+    (ranges from a 32-image batch), and after `epochs` of QAT, the last two measured
+    on the exported ONNX in onnxruntime, plus the exported QAT model and paths.
+    """
+    import edgequant as eq
+    from edgequant.data import digits_loader, digits_tensors
+    from edgequant.training import accuracy, float_digits_model, onnx_accuracy, train_epochs
+
+    torch.manual_seed(0)
+    train = digits_loader("train", batch_size=64)
+    test = digits_loader("test", batch_size=120)
+    example = digits_tensors("train")[0][:32]
+    model = float_digits_model(name)
+    qmodel = eq.QATModule(model, (example,), scheme, total_epochs=epochs)
+    tag = eq.get_scheme(scheme).name
+    before = workdir / f"{name}_{tag}_wrapped.onnx"
+    qmodel.export(before)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    start = time.perf_counter()
+    train_epochs(qmodel, train, epochs, optimizer, desc=f"QAT {name} {tag}")
+    seconds = time.perf_counter() - start
+    path = workdir / f"{name}_{tag}.onnx"
+    result = qmodel.export(path)
+    return {
+        "model": name,
+        "scheme": tag,
+        "float_top1": accuracy(model, test),
+        "wrapped_onnxruntime_top1": onnx_accuracy(before, test),
+        "qat_torch_top1": accuracy(qmodel, test),
+        "qat_onnxruntime_top1": onnx_accuracy(path, test),
+        "qat_epochs": epochs,
+        "qat_seconds": seconds,
+        "parity": str(result.parity),
+        "_qmodel": qmodel,
+        "_path": path,
+    }

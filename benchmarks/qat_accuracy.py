@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import save, table
+from _common import qat_on_digits, save, table
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
-import edgequant as eq
-from edgequant.data import digits_loader, digits_tensors
+from edgequant.data import digits_tensors
 from edgequant.parity import run_onnx, session
-from edgequant.training import accuracy, float_digits_model, onnx_accuracy, train_epochs
+from edgequant.training import float_digits_model
 
 
 def agreement(onnx_path: Path, torch_model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -49,37 +47,21 @@ def torchao_peer_agreement(model: torch.nn.Module, calib: torch.Tensor, x: torch
 
 
 def run_model(name: str, epochs: int, lr: float, workdir: Path) -> dict:
-    torch.manual_seed(0)
-    train = digits_loader("train", batch_size=64)
-    test = digits_loader("test", batch_size=120)
+    row = qat_on_digits(name, "int8_pow2", epochs, lr, workdir)
     x_test, _ = digits_tensors("test")
     x_train, _ = digits_tensors("train")
-    model = float_digits_model(name)
-    float_top1 = accuracy(model, test)
-    qmodel = eq.QATModule(model, (x_train[:32],), "int8_pow2", total_epochs=epochs)
-    optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    start = time.perf_counter()
-    train_epochs(qmodel, train, epochs, optimizer, desc=f"QAT {name}")
-    qat_seconds = time.perf_counter() - start
-    qat_torch = accuracy(qmodel, test)
-    path = workdir / f"{name}.onnx"
-    qmodel.export(path)
-    qat_ort = onnx_accuracy(path, test)
-    ours_agree, ours_diff = agreement(path, qmodel.convert(), x_test)
-    peer_agree, peer_diff = torchao_peer_agreement(model, x_train[:128], x_test, workdir / f"{name}_torchao.onnx")
-    return {
-        "model": name,
-        "float_top1": float_top1,
-        "qat_torch_top1": qat_torch,
-        "qat_onnxruntime_top1": qat_ort,
-        "drop_points": float_top1 - qat_ort,
-        "qat_epochs": epochs,
-        "qat_seconds": qat_seconds,
-        "ours_ort_vs_torch_top1_agreement": ours_agree,
-        "ours_ort_vs_torch_max_diff": ours_diff,
-        "torchao_ort_vs_torch_top1_agreement": peer_agree,
-        "torchao_ort_vs_torch_max_diff": peer_diff,
-    }
+    ours_agree, ours_diff = agreement(row.pop("_path"), row.pop("_qmodel").convert(), x_test)
+    peer_agree, peer_diff = torchao_peer_agreement(
+        float_digits_model(name), x_train[:128], x_test, workdir / f"{name}_torchao.onnx"
+    )
+    row["drop_points"] = row["float_top1"] - row["qat_onnxruntime_top1"]
+    row.update(
+        ours_ort_vs_torch_top1_agreement=ours_agree,
+        ours_ort_vs_torch_max_diff=ours_diff,
+        torchao_ort_vs_torch_top1_agreement=peer_agree,
+        torchao_ort_vs_torch_max_diff=peer_diff,
+    )
+    return row
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,6 +91,11 @@ class QATModule(nn.Module):
             fq.set_observing(mode)
         set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen)
         return self
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.train(self.training)  # apply the loaded epoch's freezing to the graph now
+        return result
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
