@@ -52,12 +52,12 @@ def save(name: str, command: str, rows: list[dict]) -> Path:
     return path
 
 
-def qat_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Path) -> dict:
-    """Wrap a digits-trained model, measure before and after QAT in onnxruntime.
+def quantize_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Path) -> dict:
+    """PTQ and QAT of a digits-trained model, both measured in onnxruntime.
 
-    Returns top-1 % of the float model, of the wrapped model before any training
-    (ranges from a 32-image batch), and after `epochs` of QAT, the last two measured
-    on the exported ONNX in onnxruntime, plus the exported QAT model and paths.
+    Returns top-1 % of the float model, of PTQ (min/max ranges from 128 training
+    images), and of QAT for `epochs`, the quantized ones measured on the exported
+    ONNX in onnxruntime; plus the QAT wrapper and its file under "_qmodel" / "_path".
     """
     import edgequant as eq
     from edgequant.data import digits_loader, digits_tensors
@@ -66,12 +66,16 @@ def qat_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Pa
     torch.manual_seed(0)
     train = digits_loader("train", batch_size=64)
     test = digits_loader("test", batch_size=120)
+    calib = digits_loader("train", batch_size=32, limit=128, shuffle=False)
     example = digits_tensors("train")[0][:32]
     model = float_digits_model(name)
-    qmodel = eq.QATModule(model, (example,), scheme, total_epochs=epochs)
     tag = eq.get_scheme(scheme).name
-    before = workdir / f"{name}_{tag}_wrapped.onnx"
-    qmodel.export(before)
+    start = time.perf_counter()
+    ptq = eq.PTQModule(model, (example,), scheme).calibrate(calib, progress=False)
+    ptq_seconds = time.perf_counter() - start
+    ptq_path = workdir / f"{name}_{tag}_ptq.onnx"
+    ptq.export(ptq_path)
+    qmodel = eq.QATModule(model, (example,), scheme, total_epochs=epochs)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     start = time.perf_counter()
     train_epochs(qmodel, train, epochs, optimizer, desc=f"QAT {name} {tag}")
@@ -82,7 +86,8 @@ def qat_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Pa
         "model": name,
         "scheme": tag,
         "float_top1": accuracy(model, test),
-        "wrapped_onnxruntime_top1": onnx_accuracy(before, test),
+        "ptq_onnxruntime_top1": onnx_accuracy(ptq_path, test),
+        "ptq_seconds": ptq_seconds,
         "qat_torch_top1": accuracy(qmodel, test),
         "qat_onnxruntime_top1": onnx_accuracy(path, test),
         "qat_epochs": epochs,

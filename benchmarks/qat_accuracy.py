@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import qat_on_digits, save, table
+from _common import quantize_on_digits, save, table
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
@@ -47,7 +47,7 @@ def torchao_peer_agreement(model: torch.nn.Module, calib: torch.Tensor, x: torch
 
 
 def run_model(name: str, epochs: int, lr: float, workdir: Path) -> dict:
-    row = qat_on_digits(name, "int8_pow2", epochs, lr, workdir)
+    row = quantize_on_digits(name, "int8_pow2", epochs, lr, workdir)
     x_test, _ = digits_tensors("test")
     x_train, _ = digits_tensors("train")
     ours_agree, ours_diff = agreement(row.pop("_path"), row.pop("_qmodel").convert(), x_test)

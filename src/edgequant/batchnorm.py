@@ -204,3 +204,9 @@ def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool) -> None:
                 changed = True
     if changed:
         gm.recompile()
+
+
+def fold_bn(gm: GraphModule) -> int:
+    """Fold every conv -> BN pair into the conv, using BN's running statistics (PTQ)."""
+    fuse_conv_bn_for_qat(gm)
+    return fold_fused_bn(gm)

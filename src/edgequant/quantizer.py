@@ -24,7 +24,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fuse_conv_bn_for_qat
+from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fold_bn, fuse_conv_bn_for_qat
 from .observers import FakeQuantize, RangeObserver
 from .scales import qrange
 from .scheme import Scheme
@@ -206,8 +206,11 @@ class EdgeQuantizer(Quantizer):
         )
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        # QAT trains conv+BN in folded form; PTQ folds BN into the conv once, up front.
         if self.qat:
             fuse_conv_bn_for_qat(model)
+        else:
+            fold_bn(model)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+import edgequant as eq
+from edgequant.data import digits_loader
+from edgequant.parity import run_onnx, session
+from edgequant.training import accuracy
+
+from .conftest import warmed_model
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return digits_loader("train", batch_size=32, limit=128, shuffle=False)
+
+
+@pytest.mark.parametrize("scheme", ["int8_pow2", "int8", "int16"])
+def test_ptq_close_to_float_and_exported_with_parity(scheme, digits_model, calib, digits_test, tmp_path):
+    model = digits_model("resnet18")
+    x, y = digits_test
+    qmodel = eq.PTQModule(model, (x[:16],), scheme).calibrate(calib, progress=False)
+    assert not qmodel.training
+    test = [(x[i : i + 90], y[i : i + 90]) for i in range(0, 360, 90)]
+    float_top1, ptq_top1 = accuracy(model, test), accuracy(qmodel, test)
+    assert ptq_top1 >= float_top1 - 2.0  # a 2-epoch float model (~92%): within 2 points
+    result = qmodel.export(tmp_path / "ptq.onnx")
+    assert result.parity.top1_agreement == 1.0
+    ort = run_onnx(session(str(result.path)), (x[:64],))[0]
+    with torch.no_grad():
+        assert np.array_equal(ort.argmax(1), qmodel(x[:64]).numpy().argmax(1))
+
+
+def test_bn_is_folded_and_ranges_deterministic(digits_train, calib):
+    x, _ = digits_train
+    model = warmed_model("mobilenet_v2", x, steps=2)
+    a = eq.PTQModule(model, (x[:8],)).calibrate(calib, progress=False)
+    b = eq.PTQModule(model, (x[:8],))
+    with torch.no_grad():
+        for batch, _ in calib:  # the plain-loop form of calibration
+            b(batch)
+    b.eval()
+    assert not any("batch_norm" in str(n.target) for n in a.model.graph.nodes)
+    for oa, ob in zip(a.observers(), b.observers(), strict=True):
+        assert torch.equal(oa.min_val, ob.min_val) and torch.equal(oa.max_val, ob.max_val)
+    with torch.no_grad():
+        assert torch.equal(a(x[:4]), b(x[:4]))
+
+
+def test_bad_calibration_data(digits_train):
+    x, _ = digits_train
+    model = warmed_model("resnet18", x, steps=1)
+    qmodel = eq.PTQModule(model, (x[:8],))
+    with pytest.raises(ValueError, match="empty or exhausted"):
+        qmodel.calibrate([], progress=False)
+    bad = x[:8].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 1 contains NaN"):
+        qmodel.calibrate([x[:8], bad], progress=False)
+    qmodel.calibrate([bad, x[8:16]], skip_nonfinite=True, progress=False)
+    with pytest.raises(ValueError, match="1 batches skipped"):
+        eq.PTQModule(model, (x[:8],)).calibrate([bad], skip_nonfinite=True, progress=False)
+    with pytest.raises(TypeError, match="calibration batches"):
+        eq.PTQModule(model, (x[:8],)).calibrate(["not a tensor"], progress=False)
+
+
+def test_eval_before_calibration_is_an_error(digits_train):
+    x, _ = digits_train
+    qmodel = eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],)).eval()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        qmodel(x[:2])
