@@ -9,6 +9,7 @@ from edgequant.batchnorm import (
     attach_bn_factors,
     fold_fused_bn,
     fuse_conv_bn_for_qat,
+    reestimate_bn,
     set_graph_training,
 )
 from edgequant.capture import capture
@@ -105,3 +106,20 @@ def test_set_graph_training_switches_dropout():
     set_graph_training(gm, dropout=True, batchnorm=False)
     out = gm(x)
     assert (out == 0).float().mean() > 0.3  # half the activations dropped
+
+
+def test_reestimate_bn_recomputes_statistics_from_data():
+    torch.manual_seed(0)
+    m = trained_bn(eps=1e-5, momentum=0.1, bias=False)
+    x = torch.randn(32, 3, 8, 8) * 2 + 1
+    gm = capture(m, (x[:4],))
+    set_graph_training(gm, dropout=False, batchnorm=False)
+    batches = [(x[i : i + 8],) for i in range(0, 32, 8)]
+    assert reestimate_bn(gm, batches) == 1
+    with torch.no_grad():
+        conv_out = torch.cat([m.conv(b[0]) for b in batches])
+    expected_mean = torch.stack([m.conv(b[0]).mean((0, 2, 3)) for b in batches]).mean(0).detach()
+    torch.testing.assert_close(gm.bn.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    assert gm.bn.running_var.shape == conv_out.shape[1:2]
+    bn = next(n for n in gm.graph.nodes if n.target in BN_OPS)
+    assert bn.args[5] is False and bn.args[6] == 0.1  # back in eval mode, momentum restored

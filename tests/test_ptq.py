@@ -31,11 +31,12 @@ def test_ptq_close_to_float_and_exported_with_parity(scheme, digits_model, calib
         assert np.array_equal(ort.argmax(1), qmodel(x[:64]).numpy().argmax(1))
 
 
-def test_bn_is_folded_and_ranges_deterministic(digits_train, calib):
+def test_calibrate_equals_plain_loop_and_folds_bn(digits_train, calib):
     x, _ = digits_train
     model = warmed_model("mobilenet_v2", x, steps=2)
-    a = eq.PTQModule(model, (x[:8],)).calibrate(calib, progress=False)
-    b = eq.PTQModule(model, (x[:8],))
+    minmax = eq.PTQConfig(range_estimator="minmax", bias_correction=False)
+    a = eq.PTQModule(model, (x[:8],), config=minmax).calibrate(calib, progress=False)
+    b = eq.PTQModule(model, (x[:8],), config=minmax)
     with torch.no_grad():
         for batch, _ in calib:  # the plain-loop form of calibration
             b(batch)
@@ -69,3 +70,29 @@ def test_eval_before_calibration_is_an_error(digits_train):
     qmodel = eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],)).eval()
     with pytest.raises(RuntimeError, match="calibrate"):
         qmodel(x[:2])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="range_estimator"):
+        eq.PTQConfig(range_estimator="kl")
+    with pytest.raises(ValueError, match="percentile"):
+        eq.PTQConfig(percentile=10)
+    with pytest.raises(ValueError, match="weight_clipping"):
+        eq.PTQConfig(weight_clipping=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        eq.PTQConfig(range_estimator="percentile", equalize=True, bn_reestimation=True, weight_clipping=6.0),
+        eq.PTQConfig(range_estimator="minmax", equalize=False, bias_correction=False),
+    ],
+)
+def test_every_technique_runs_through_export(config, digits_model, calib, digits_test, tmp_path):
+    x, y = digits_test
+    model = digits_model("mobilenet_v2")
+    qmodel = eq.PTQModule(model, (x[:16],), "int8_pow2", config).calibrate(calib, progress=False)
+    result = qmodel.export(tmp_path / "m.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    test = [(x[i : i + 120], y[i : i + 120]) for i in range(0, 360, 120)]
+    assert accuracy(qmodel, test) >= accuracy(model, test) - 3.0

@@ -72,3 +72,22 @@ def test_asymmetric_qparams_cover_range_and_zero():
 def test_is_power_of_2():
     assert scales.is_power_of_2(torch.tensor([0.25, 1.0, 2.0**-10]))
     assert not scales.is_power_of_2(torch.tensor([0.25, 0.3]))
+
+
+def test_histogram_percentile_by_hand():
+    hist = torch.zeros(100)
+    hist[:99] = 1.0  # 99 values spread over [0, 0.99)
+    hist[99] = 1.0  # one outlier in the last bin
+    assert scales.histogram_percentile(hist, 10.0, 99.0).item() == pytest.approx(9.9)
+    assert scales.histogram_percentile(hist, 10.0, 100.0).item() == pytest.approx(10.0)
+
+
+def test_mse_range_clips_a_lone_outlier_but_not_a_dense_tail():
+    bins = 1000
+    dense = torch.zeros(bins)
+    dense[:100] = 1e6  # a hundred million values within the first 10% of the range ...
+    dense[-1] = 1.0  # ... except one outlier at the top
+    clipped = scales.mse_optimal_max_abs(dense, 10.0, 127, power_of_2=True)
+    assert clipped.item() < 10.0 / 4  # a power-of-2 step chosen below the outlier
+    uniform = torch.ones(bins)
+    assert scales.mse_optimal_max_abs(uniform, 10.0, 127, power_of_2=False).item() == pytest.approx(10.0, rel=0.05)

@@ -11,7 +11,7 @@ import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_de
 from .capture import CaptureError  # noqa: E402
 from .export import ExportResult  # noqa: E402
 from .parity import ParityError, ParityReport  # noqa: E402
-from .ptq import PTQModule  # noqa: E402
+from .ptq import PTQConfig, PTQModule  # noqa: E402
 from .qat import QATModule  # noqa: E402
 from .schedule import FreezeSchedule  # noqa: E402
 from .scheme import PRESETS, Scheme, get_scheme  # noqa: E402
@@ -21,6 +21,7 @@ __all__ = [
     "CaptureError",
     "ExportResult",
     "FreezeSchedule",
+    "PTQConfig",
     "PTQModule",
     "ParityError",
     "ParityReport",

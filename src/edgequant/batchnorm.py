@@ -210,3 +210,34 @@ def fold_bn(gm: GraphModule) -> int:
     """Fold every conv -> BN pair into the conv, using BN's running statistics (PTQ)."""
     fuse_conv_bn_for_qat(gm)
     return fold_fused_bn(gm)
+
+
+@torch.no_grad()
+def reestimate_bn(gm: GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> int:
+    """Recompute every BN's running statistics as the average over `batches`.
+
+    Useful when the data the model will see differs from its training data (other
+    preprocessing, another camera). Each batch gets weight 1/k via BN's momentum, so
+    the result is the plain mean of the per-batch statistics. Returns how many BNs.
+    """
+    bns = [n for n in gm.graph.nodes if n.target in BN_OPS]
+    original = {n: _bn_args(n)[6] for n in bns}
+    for n in bns:
+        _, _, _, mean, var, *_ = _bn_args(n)
+        _attr(gm, mean).zero_()
+        _attr(gm, var).fill_(1.0)
+    set_graph_training(gm, dropout=False, batchnorm=True)
+    for k, inputs in enumerate(batches, start=1):
+        for n in bns:
+            args = _bn_args(n) + list(n.args[8:])
+            args[6] = 1.0 / k
+            n.args = tuple(args)
+        gm.recompile()
+        gm(*inputs)
+    for n in bns:
+        args = _bn_args(n) + list(n.args[8:])
+        args[6] = original[n]
+        n.args = tuple(args)
+    set_graph_training(gm, dropout=False, batchnorm=False)
+    gm.recompile()
+    return len(bns)

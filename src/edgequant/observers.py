@@ -56,6 +56,30 @@ class RangeObserver(ObserverBase):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
+        # PTQ range estimation beyond min/max: a histogram of |x| over a fixed range,
+        # filled in a second calibration pass (memory stays at `bins` counts).
+        self.estimator = "minmax"
+        self.percentile = 99.99
+        self.hist: torch.Tensor | None = None
+        self.hist_max = 0.0
+        # Per-channel mean of the observed tensor (dim 1), for bias correction.
+        self.channel_sum: torch.Tensor | None = None
+        self.channel_count = 0
+
+    def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
+        """Switch to histogram collection over [0, max |x| seen so far]."""
+        self.estimator, self.percentile = estimator, percentile
+        self.hist_max = float(torch.maximum(-self.min_val, self.max_val))
+        self.hist = torch.zeros(bins)
+
+    def track_channel_mean(self) -> None:
+        self.channel_sum, self.channel_count = torch.zeros(0), 0
+
+    @property
+    def channel_mean(self) -> torch.Tensor | None:
+        if self.channel_sum is None or not self.channel_count:
+            return None
+        return self.channel_sum / self.channel_count
 
     def extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, max) of x: scalars, or one per channel along ch_axis."""
@@ -67,8 +91,18 @@ class RangeObserver(ObserverBase):
         return flat.amin(dim=1), flat.amax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel():
+        if not x.numel():
+            return x
+        if self.hist is not None:
+            if self.hist_max > 0:
+                self.hist += torch.histc(x.detach().abs().float(), len(self.hist), 0, self.hist_max)
+        else:
             self.update(*self.extremes(x))
+        if self.channel_sum is not None and x.dim() >= 2:
+            dims = [d for d in range(x.dim()) if d != 1]
+            total = x.detach().float().sum(dim=dims)
+            self.channel_sum = total if self.channel_sum.numel() == 0 else self.channel_sum + total
+            self.channel_count += x.numel() // x.shape[1]
         return x
 
     def update(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
@@ -104,6 +138,11 @@ class RangeObserver(ObserverBase):
         """Scale and zero point of the current range (which must have been observed)."""
         if self.symmetric:
             max_abs = torch.maximum(-self.min_val, self.max_val)
+            if self.hist is not None and self.hist.sum() > 0:
+                if self.estimator == "percentile":
+                    max_abs = scales.histogram_percentile(self.hist, self.hist_max, self.percentile)
+                elif self.estimator == "mse":
+                    max_abs = scales.mse_optimal_max_abs(self.hist, self.hist_max, self.quant_max, self.power_of_2)
             scale = scales.symmetric_scale(max_abs, self.quant_max, self.power_of_2)
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
         else:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -11,13 +14,52 @@ from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
-from .batchnorm import set_graph_training
+from .batchnorm import fold_bn, reestimate_bn, set_graph_training
+from .bias_correction import correct_biases
 from .capture import capture
+from .clipping import clip_weights
 from .convert import convert
+from .equalization import equalize
 from .export import ExportResult, export_onnx
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
 from .scheme import Scheme, get_scheme
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Which PTQ techniques to apply; each can be switched off on its own.
+
+    - ``range_estimator``: activation ranges from the min/max seen, a percentile of
+      |x|, or the range minimising the squared quantization error ("mse"; for
+      power-of-2 scales a choice among the few candidate exponents). Percentile and
+      mse need a second pass over the calibration data; memory is one histogram per
+      quantizer. Asymmetric activations always use min/max.
+    - ``equalize``: cross-layer equalization of conv pairs; None = on for schemes with
+      per-tensor weights (where it matters), off for per-channel ones.
+    - ``bias_correction``: remove the mean output shift caused by weight rounding.
+    - ``bn_reestimation``: recompute BN statistics on the calibration data before
+      folding (for data that differs from the training data).
+    - ``weight_clipping``: clamp weights beyond this many standard deviations per
+      output channel before quantizing; None = off.
+    """
+
+    range_estimator: Literal["minmax", "percentile", "mse"] = "mse"
+    percentile: float = 99.99
+    equalize: bool | None = None
+    bias_correction: bool = True
+    bn_reestimation: bool = False
+    weight_clipping: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.range_estimator not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"range_estimator must be 'minmax', 'percentile' or 'mse', got {self.range_estimator!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.weight_clipping is not None and self.weight_clipping <= 0:
+            raise ValueError(
+                f"weight_clipping must be a positive number of standard deviations, got {self.weight_clipping}"
+            )
 
 
 def _inputs_of(batch: object) -> tuple[torch.Tensor, ...]:
@@ -30,24 +72,54 @@ def _inputs_of(batch: object) -> tuple[torch.Tensor, ...]:
 
 
 class PTQModule(nn.Module):
-    """Post-training quantization wrapper: BN folded, ranges calibrated, no labels, no backprop.
+    """Post-training quantization wrapper: no labels, no backprop.
 
-    In train mode (the state after construction) each forward pass observes ranges
-    and returns the float result; `calibrate(data)` does that over a loader and
-    switches to eval mode, where forward runs the quantized integer model.
+    Construction folds BN (and equalizes / clips weights as configured). In train
+    mode (the state after construction) each forward pass observes min/max ranges
+    and returns the float result; `calibrate(data)` runs the full recipe over a
+    loader and switches to eval mode, where forward runs the quantized integer model.
     """
 
     def __init__(
-        self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], scheme: str | Scheme = "int8_pow2"
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        scheme: str | Scheme = "int8_pow2",
+        config: PTQConfig | None = None,
     ) -> None:
         super().__init__()
         self.scheme = get_scheme(scheme)
+        self.config = config or PTQConfig()
         self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
-        graph = capture(model, self.example_inputs)
-        self.model: GraphModule = prepare_pt2e(graph, EdgeQuantizer(self.scheme, qat=False))
-        set_graph_training(self.model, dropout=False, batchnorm=False)
+        self._float = capture(model, self.example_inputs)
+        set_graph_training(self._float, dropout=False, batchnorm=False)
+        self.model = self._prepare(self._float)
         self.register_buffer("calibrated_samples", torch.tensor(0, dtype=torch.int64))
         self._quantized: GraphModule | None = None
+
+    @property
+    def equalizes(self) -> bool:
+        if self.config.equalize is None:
+            return self.scheme.weight_granularity != "per_channel"
+        return self.config.equalize
+
+    def _prepare(self, float_graph: GraphModule) -> GraphModule:
+        graph = copy.deepcopy(float_graph)
+        fold_bn(graph)
+        if self.config.weight_clipping is not None:
+            clip_weights(graph, self.config.weight_clipping)
+        if self.equalizes:
+            equalize(graph)
+        return prepare_pt2e(graph, EdgeQuantizer(self.scheme, qat=False))
+
+    def activation_observers(self) -> list[RangeObserver]:
+        found = []
+        for node in self.model.graph.nodes:
+            if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) != "get_attr":
+                module = self.model.get_submodule(node.target)
+                if isinstance(module, RangeObserver):
+                    found.append(module)
+        return found
 
     def observers(self) -> list[RangeObserver]:
         return [m for m in self.model.modules() if isinstance(m, RangeObserver)]
@@ -58,15 +130,10 @@ class PTQModule(nn.Module):
             module.training = mode
         return self
 
-    @torch.no_grad()
-    def calibrate(self, data: Iterable, skip_nonfinite: bool = False, progress: bool = True) -> PTQModule:
-        """Observe ranges over `data` (tensors or (inputs, labels) batches), then switch to eval.
-
-        Batches with NaN or Inf raise ValueError, or are skipped with `skip_nonfinite=True`.
-        """
-        self.train()
-        seen = skipped = 0
-        for index, batch in enumerate(tqdm(data, desc="calibrate", leave=False, disable=None if progress else True)):
+    def _usable_batches(self, data: Iterable, skip_nonfinite: bool, progress: bool) -> list[tuple[torch.Tensor, ...]]:
+        batches, skipped = [], 0
+        bar = tqdm(data, desc="read calibration data", leave=False, disable=not progress or None)
+        for index, batch in enumerate(bar):
             inputs = _inputs_of(batch)
             if not all(bool(torch.isfinite(x).all()) for x in inputs):
                 if skip_nonfinite:
@@ -75,11 +142,47 @@ class PTQModule(nn.Module):
                 raise ValueError(
                     f"calibration batch {index} contains NaN or Inf; clean the data or pass skip_nonfinite=True"
                 )
-            self(*inputs)
-            seen += 1
-        if seen == 0:
+            batches.append(tuple(x.detach() for x in inputs))
+        if not batches:
             detail = f" ({skipped} batches skipped as non-finite)" if skipped else ""
             raise ValueError(f"calibration data yielded no usable batch{detail}; is the loader empty or exhausted?")
+        return batches
+
+    def _run(self, batches: list[tuple[torch.Tensor, ...]], desc: str, progress: bool) -> None:
+        for inputs in tqdm(batches, desc=desc, leave=False, disable=not progress or None):
+            self(*inputs)
+
+    @torch.no_grad()
+    def calibrate(self, data: Iterable, skip_nonfinite: bool = False, progress: bool = True) -> PTQModule:
+        """Run the configured recipe over `data`, then switch to eval (quantized) mode.
+
+        `data` yields tensors or (inputs, labels) batches; a few hundred samples suffice.
+        They are held in memory for the passes the recipe needs (BN re-estimation,
+        ranges, histograms). Batches with NaN or Inf raise ValueError, or are skipped
+        with `skip_nonfinite=True`.
+        """
+        cfg = self.config
+        batches = self._usable_batches(data, skip_nonfinite, progress)
+        if cfg.bn_reestimation:
+            float_graph = copy.deepcopy(self._float)
+            reestimate_bn(float_graph, batches)
+            self.model = self._prepare(float_graph)
+        elif int(self.calibrated_samples):
+            self.model = self._prepare(self._float)  # start from fresh ranges
+        self.calibrated_samples.zero_()
+        self.train()
+        activations = self.activation_observers()
+        if cfg.bias_correction:
+            for obs in activations:
+                obs.track_channel_mean()
+        self._run(batches, "calibrate ranges", progress)
+        if cfg.range_estimator != "minmax":
+            for obs in activations:
+                if obs.symmetric:
+                    obs.start_histogram(cfg.range_estimator, cfg.percentile)
+            self._run(batches, f"calibrate ranges ({cfg.range_estimator})", progress)
+        if cfg.bias_correction:
+            correct_biases(self.model)
         return self.eval()
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fold_bn, fuse_conv_bn_for_qat
+from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fuse_conv_bn_for_qat
+from .equalization import BOUND_OP
 from .observers import FakeQuantize, RangeObserver
 from .scales import qrange
 from .scheme import Scheme
@@ -38,6 +39,7 @@ FUSED_ACTIVATIONS = (
     aten.relu_.default,
     aten.hardtanh.default,
     aten.hardtanh_.default,
+    aten.relu6.default,
     aten.clamp.default,
 )
 # Ops the engine requantizes at its output.
@@ -206,11 +208,9 @@ class EdgeQuantizer(Quantizer):
         )
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        # QAT trains conv+BN in folded form; PTQ folds BN into the conv once, up front.
+        # QAT trains conv+BN in folded form; PTQModule folds BN before it gets here.
         if self.qat:
             fuse_conv_bn_for_qat(model)
-        else:
-            fold_bn(model)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
@@ -255,6 +255,10 @@ class EdgeQuantizer(Quantizer):
         if user is not None and user.target in FUSED_ACTIVATIONS:
             inner.append(end)
             end = user
+            bound = _sole_user(end)
+            if bound is not None and bound.target == BOUND_OP:  # relu6 after equalization
+                inner.append(end)
+                end = bound
         return end, inner
 
     def _annotate_weighted(self, node: Node, bits: int) -> None:

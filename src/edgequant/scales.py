@@ -71,3 +71,29 @@ def is_power_of_2(scale: torch.Tensor) -> bool:
     """True when every element is an exact power of two."""
     mantissa, _ = torch.frexp(scale.to(torch.float32))
     return bool(torch.all(mantissa == 0.5))
+
+
+def histogram_percentile(hist: torch.Tensor, hist_max: float, percentile: float) -> torch.Tensor:
+    """The |x| below which `percentile` % of the histogrammed values lie (upper bin edge)."""
+    cdf = torch.cumsum(hist, 0) / hist.sum().clamp(min=1)
+    index = int(torch.searchsorted(cdf, torch.tensor(percentile / 100.0)).clamp(max=len(hist) - 1))
+    return torch.tensor((index + 1) * hist_max / len(hist))
+
+
+def mse_optimal_max_abs(hist: torch.Tensor, hist_max: float, qmax: int, power_of_2: bool) -> torch.Tensor:
+    """The clipping range that minimises the expected squared quantization error.
+
+    `hist` counts |x| in equal bins over [0, hist_max]. Power-of-2 scales leave only
+    a few candidates (the min/max exponent and the next few below it); free scales
+    are searched on a grid of fractions of hist_max.
+    """
+    bins = len(hist)
+    centers = (torch.arange(bins, dtype=torch.float32) + 0.5) * (hist_max / bins)
+    full = symmetric_scale(torch.tensor(hist_max), qmax, power_of_2)
+    if power_of_2:
+        candidates = full * 2.0 ** -torch.arange(0, 6, dtype=torch.float32)
+    else:
+        candidates = full * torch.linspace(0.2, 1.0, 81)
+    q = torch.clamp(torch.round(centers[None, :] / candidates[:, None]), max=qmax)
+    errors = ((centers[None, :] - q * candidates[:, None]) ** 2 * hist[None, :]).sum(dim=1)
+    return candidates[int(torch.argmin(errors))] * qmax
