@@ -131,3 +131,26 @@ def test_users_float_model_is_left_untouched(digits_train):
     _steps(qmodel, x, y, n=2, lr=0.1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
+
+
+def test_qat_from_ptq_starts_where_ptq_ended(digits_model, digits_test, tmp_path):
+    from edgequant.data import digits_loader
+
+    x, _ = digits_test
+    calib = digits_loader("train", batch_size=32, limit=64, shuffle=False)
+    ptq = eq.PTQModule(digits_model("mobilenet_v2"), (x[:16],), "int8_pow2").calibrate(calib, progress=False)
+    qmodel = eq.QATModule.from_ptq(ptq, total_epochs=2).eval()
+    ptq_scales = [o.calculate_qparams()[0] for o in ptq.activation_observers()]
+    qat_scales = [fq.scale for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]
+    assert all(torch.equal(a, b) for a, b in zip(ptq_scales, qat_scales, strict=True))
+    with torch.no_grad():
+        # same folded weights and ranges: the converted models compute the same integers
+        assert torch.equal(qmodel.convert()(x[:32]), ptq(x[:32]))
+    assert all(isinstance(p, torch.nn.Parameter) for p in qmodel.parameters()) and len(list(qmodel.parameters()))
+    assert qmodel.export(tmp_path / "m.onnx").parity.max_abs_diff == 0.0
+
+
+def test_from_uncalibrated_ptq_is_an_error(digits_train):
+    x, _ = digits_train
+    with pytest.raises(ValueError, match="calibrate"):
+        eq.QATModule.from_ptq(eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],)))

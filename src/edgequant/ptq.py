@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
@@ -18,7 +18,7 @@ from .batchnorm import fold_bn, reestimate_bn, set_graph_training
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
-from .convert import convert
+from .convert import WEIGHTED_OPS, convert
 from .equalization import equalize
 from .export import ExportResult, export_onnx
 from .observers import RangeObserver
@@ -199,6 +199,32 @@ class PTQModule(nn.Module):
     def convert(self) -> GraphModule:
         """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
         return convert(self.model)
+
+    def float_model(self) -> GraphModule:
+        """The float graph as calibration left it (BN folded, equalized, bias-corrected).
+
+        Weights and biases are trainable parameters again, so this is a starting point
+        for QAT (see `QATModule.from_ptq`).
+        """
+        graph = copy.deepcopy(self.model)
+        for node in list(graph.graph.nodes):
+            if node.op == "call_module" and isinstance(graph.get_submodule(node.target), RangeObserver):
+                node.replace_all_uses_with(node.args[0])
+                graph.graph.erase_node(node)
+        for node in graph.graph.nodes:
+            if node.target not in WEIGHTED_OPS:
+                continue
+            for arg in node.args[1:3]:
+                if isinstance(arg, Node) and arg.op == "get_attr" and "." not in arg.target:
+                    value = getattr(graph, arg.target)
+                    if not isinstance(value, nn.Parameter):
+                        delattr(graph, arg.target)
+                        graph.register_parameter(arg.target, nn.Parameter(value.detach().clone()))
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        for attr in ("train", "eval"):
+            graph.__dict__.pop(attr, None)
+        return graph
 
     def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
         """Write QDQ ONNX and check it in onnxruntime against `convert()` on the example inputs."""

@@ -16,6 +16,7 @@ from .capture import capture
 from .convert import convert
 from .export import ExportResult, export_onnx
 from .observers import FakeQuantize
+from .ptq import PTQModule
 from .quantizer import EdgeQuantizer
 from .schedule import FreezeSchedule
 from .scheme import Scheme, get_scheme
@@ -50,6 +51,34 @@ class QATModule(nn.Module):
         self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
         self._init_ranges()
         self.train(model.training)
+
+    @classmethod
+    def from_ptq(cls, ptq: PTQModule, total_epochs: int | None = None) -> QATModule:
+        """Start QAT from a calibrated PTQModule: its folded, equalized weights and its ranges.
+
+        BN is already folded there, so only the range-freezing part of the schedule applies.
+        """
+        if not int(ptq.calibrated_samples):
+            raise ValueError("the PTQModule is not calibrated yet: call calibrate(data) first")
+        qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs)
+        sources = ptq.activation_observers()
+        targets = [fq for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]
+        if len(sources) != len(targets):
+            raise RuntimeError(f"cannot match {len(sources)} PTQ ranges to {len(targets)} QAT quantizers")
+        for source, target in zip(sources, targets, strict=True):
+            scale, _ = source.calculate_qparams()
+            obs = target.activation_post_process
+            if obs.symmetric:
+                max_abs = scale * obs.quant_max
+                obs.min_val, obs.max_val = -max_abs.reshape(()), max_abs.reshape(())
+            else:
+                obs.min_val, obs.max_val = source.min_val.clone(), source.max_val.clone()
+            # Count the calibration as history: the moving average starts from these ranges.
+            obs.updates.fill_(int(1 / obs.averaging_constant))
+            new_scale, new_zero_point = obs.qparams()
+            target.scale.copy_(new_scale)
+            target.zero_point.copy_(new_zero_point)
+        return qmodel
 
     @property
     def epoch(self) -> int:
