@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from edgequant import QATModule
-from edgequant.convert import DQ_OPS
+from edgequant.parity import DQ_OPS
 
 
 class Small(nn.Module):

@@ -11,12 +11,11 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from .batchnorm import fold_fused_bn, set_graph_training
+from .parity import DQ_OPS
 from .scales import qrange
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
-Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
 INT32_MIN, INT32_MAX = qrange(32)
 

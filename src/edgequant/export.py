@@ -15,7 +15,6 @@ from .parity import ParityError, ParityReport, compare, reexport, session
 from .scheme import Scheme
 from .tidl import write_deploy_files
 
-qd = torch.ops.quantized_decomposed
 # The dynamo exporter starts at 18; int16 QuantizeLinear / DequantizeLinear need 21.
 MIN_OPSET, INT16_OPSET, MAX_OPSET = 18, 21, 23
 

@@ -174,7 +174,8 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, clip_mask):
-        q = torch.round(x / scale)
+        # x * (1 / scale), as torchao's quantize op computes it; exact for power-of-2 scales.
+        q = torch.mul(x, torch.reciprocal(scale)).round_()
         if zero_point is not None:
             q += zero_point
         ctx.clip_mask = clip_mask
@@ -195,7 +196,8 @@ class _FakeQuant(torch.autograd.Function):
 
 def _scaled_abs_max(w: torch.Tensor, factor: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """max |w * factor| (factor per output channel), per channel or overall, without forming w * factor."""
-    m = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1) * factor.abs()
+    # inf-norm per row: max |w| in one pass, without materialising |w|
+    m = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1), float("inf"), dim=1) * factor.abs()
     return m if per_channel else m.max()
 
 

@@ -44,7 +44,7 @@ class PTQConfig:
       output channel before quantizing; None = off.
     """
 
-    range_estimator: Literal["minmax", "percentile", "mse"] = "mse"
+    range_estimator: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99
     equalize: bool | None = None
     bias_correction: bool = True
