@@ -196,8 +196,9 @@ class _FakeQuant(torch.autograd.Function):
 
 def _scaled_abs_max(w: torch.Tensor, factor: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """max |w * factor| (factor per output channel), per channel or overall, without forming w * factor."""
-    # inf-norm per row: max |w| in one pass, without materialising |w|
-    m = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1), float("inf"), dim=1) * factor.abs()
+    # max |w| per row from amax / amin: two fast reductions, no |w| copy (vector_norm is slower)
+    rows = w.detach().reshape(w.shape[0], -1)
+    m = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)) * factor.abs()
     return m if per_channel else m.max()
 
 
