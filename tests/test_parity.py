@@ -60,3 +60,15 @@ def test_corrupted_weight_is_caught_and_located(exported, tmp_path):
     assert where.max_lsb > 1 and not where.is_rounding
     with pytest.raises(ParityError, match="conv2"):
         compare(str(bad), reference, inputs)
+
+
+def test_near_tie_flips_are_told_apart_from_real_ones():
+    from edgequant.parity import _flips_are_near_ties
+
+    torch_out = np.array([[1.00, 0.99, -2.0], [3.0, -1.0, 0.0], [0.5, 2.0, 0.0]])
+    # drift of 0.02 on the steady samples; sample 0 flips on a 0.01 margin
+    drifted = np.array([[0.98, 1.00, -2.0], [3.02, -1.0, 0.0], [0.5, 2.02, 0.0]])
+    assert _flips_are_near_ties(torch_out, drifted, step=0.01)
+    # sample 2 flips although torch preferred class 1 by 1.5, far beyond the drift
+    flipped_far = np.array([[1.00, 0.99, -2.0], [3.02, -1.0, 0.0], [2.1, 2.0, 0.0]])
+    assert not _flips_are_near_ties(torch_out, flipped_far, step=0.01)

@@ -121,6 +121,28 @@ def _as_list(y: object) -> list[torch.Tensor]:
     return list(y) if isinstance(y, (tuple, list)) else [y]
 
 
+def _flips_are_near_ties(expected: np.ndarray, actual: np.ndarray, step: float | None) -> bool:
+    """True when every sample whose top-1 differs was a near-tie in torch.
+
+    Near-tie: torch's margin between its choice and onnxruntime's is within the
+    rounding drift this model shows on the samples that did not flip (at least one
+    output step). Such a flip is what drift does on a decision boundary; a broken
+    graph also fails the rounding-level test in `compare`.
+    """
+    e = expected.reshape(expected.shape[0], expected.shape[1], -1)
+    a = actual.reshape(actual.shape[0], actual.shape[1], -1)
+    flipped = e.argmax(1) != a.argmax(1)
+    steady = ~flipped.any(axis=1)
+    if not steady.any():
+        return False
+    drift = max(float(np.abs(e[steady] - a[steady]).max()), step or 0.0)
+    for n, pos in zip(*np.nonzero(flipped), strict=True):
+        ours, theirs = e[n, :, pos], a[n, :, pos]
+        if ours[ours.argmax()] - ours[theirs.argmax()] > drift:
+            return False
+    return True
+
+
 def compare(
     onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...], sess: ort.InferenceSession | None = None
 ) -> ParityReport:
@@ -128,15 +150,16 @@ def compare(
 
     Passes when top-1 agrees on every sample and each output is within one step of its
     quantization. For schemes that are not exact in float32 (see `is_exact`) it also
-    passes when the only disagreement is rounding-level: top-1 still agrees and the
-    first diverging tensor is off by one step on under 1% of its values.
+    passes when the only disagreement is rounding-level: the first diverging tensor is
+    off by one step on under 1% of its values, and any top-1 change is on a sample that
+    was a near-tie (torch's margin within the drift seen on the other samples).
     """
     sess = sess or session(onnx_path)
     with torch.no_grad():
         expected = [t.detach().numpy() for t in _as_list(model(*inputs))]
     actual = run_onnx(sess, inputs)
     steps = output_steps(model)
-    worst, agree, total, too_far, flips = 0.0, 0, 0, [], []
+    worst, agree, total, too_far, flips, near_ties = 0.0, 0, 0, [], [], True
     for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
         if e.shape != a.shape:
             raise ParityError(f"output {i}: onnxruntime shape {a.shape} != torch shape {e.shape}")
@@ -152,11 +175,12 @@ def compare(
             total += e.shape[0]
             if not same.all():
                 flips.append(f"output {i}: top-1 differs on {int((~same).sum())} of {e.shape[0]} samples")
+                near_ties &= _flips_are_near_ties(e, a, step)
     report = ParityReport(worst, steps[0] if steps else None, agree / total if total else 1.0, inputs[0].shape[0])
     if not too_far and not flips:
         return report
     divergence = locate_divergence(onnx_path, model, inputs)
-    if not flips and divergence is not None and divergence.is_rounding and not is_exact(model):
+    if divergence is not None and divergence.is_rounding and not is_exact(model) and near_ties:
         return replace(report, rounding=divergence)
     where = str(divergence) if divergence else "all quantized tensors agree; the difference arises after the last one"
     raise ParityError("onnxruntime disagrees with the converted model: " + "; ".join(too_far + flips) + f"; {where}.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,12 +17,12 @@ from .batchnorm import fold_bn, reestimate_bn, set_graph_training
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
-from .convert import WEIGHTED_OPS, convert
+from .convert import WEIGHTED_OPS
 from .equalization import equalize
-from .export import ExportResult, export_onnx
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
-from .scheme import Scheme, get_scheme
+from .scheme import Scheme
+from .wrapper import QuantWrapper
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def _inputs_of(batch: object) -> tuple[torch.Tensor, ...]:
     raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
 
 
-class PTQModule(nn.Module):
+class PTQModule(QuantWrapper):
     """Post-training quantization wrapper: no labels, no backprop.
 
     Construction folds BN (and equalizes / clips weights as configured). In train
@@ -87,10 +86,8 @@ class PTQModule(nn.Module):
         scheme: str | Scheme = "int8_pow2",
         config: PTQConfig | None = None,
     ) -> None:
-        super().__init__()
-        self.scheme = get_scheme(scheme)
+        super().__init__(example_inputs, scheme)
         self.config = config or PTQConfig()
-        self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
         self._float = capture(model, self.example_inputs)
         set_graph_training(self._float, dropout=False, batchnorm=False)
         self.model = self._prepare(self._float)
@@ -125,9 +122,7 @@ class PTQModule(nn.Module):
         return [m for m in self.model.modules() if isinstance(m, RangeObserver)]
 
     def train(self, mode: bool = True) -> PTQModule:
-        # torchao's prepared graph refuses nn.Module.train(); only the flag matters here.
-        for module in self.modules():
-            module.training = mode
+        self._set_training_flags(mode)
         return self
 
     def _usable_batches(self, data: Iterable, skip_nonfinite: bool, progress: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -196,10 +191,6 @@ class PTQModule(nn.Module):
             self._quantized = self.convert()
         return self._quantized(*args)
 
-    def convert(self) -> GraphModule:
-        """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
-        return convert(self.model)
-
     def float_model(self) -> GraphModule:
         """The float graph as calibration left it (BN folded, equalized, bias-corrected).
 
@@ -225,7 +216,3 @@ class PTQModule(nn.Module):
         for attr in ("train", "eval"):
             graph.__dict__.pop(attr, None)
         return graph
-
-    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
-        """Write QDQ ONNX and check it in onnxruntime against `convert()` on the example inputs."""
-        return export_onnx(self.convert(), self.example_inputs, path, self.scheme, opset)

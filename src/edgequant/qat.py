@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,16 +12,15 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from .batchnorm import attach_bn_factors, set_graph_training
 from .capture import capture
-from .convert import convert
-from .export import ExportResult, export_onnx
 from .observers import FakeQuantize
 from .ptq import PTQModule
 from .quantizer import EdgeQuantizer
 from .schedule import FreezeSchedule
-from .scheme import Scheme, get_scheme
+from .scheme import Scheme
+from .wrapper import QuantWrapper
 
 
-class QATModule(nn.Module):
+class QATModule(QuantWrapper):
     """Quantization-aware training wrapper around a float model.
 
     Conv+BN(+ReLU) run in their folded form with fake-quantized weights and
@@ -40,10 +38,8 @@ class QATModule(nn.Module):
         scheme: str | Scheme = "int8_pow2",
         total_epochs: int | None = None,
     ) -> None:
-        super().__init__()
-        self.scheme = get_scheme(scheme)
+        super().__init__(example_inputs, scheme)
         self.schedule = FreezeSchedule(total_epochs)
-        self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
         graph = capture(model, self.example_inputs)
         self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
         attach_bn_factors(self.model)
@@ -108,10 +104,8 @@ class QATModule(nn.Module):
         if mode and not self.training and self.qat_state[1]:
             self.qat_state[0] += 1
             self.qat_state[1] = 0
-        # torchao's prepared graph refuses nn.Module.train(); the flags are set
-        # directly and the graph's BN/dropout nodes are switched below instead.
-        for module in self.modules():
-            module.training = mode
+        # The graph's BN / dropout nodes are switched below, not by nn.Module.train().
+        self._set_training_flags(mode)
         if self.ranges_frozen:
             for fq in self.fake_quantizers():
                 if not fq.is_frozen:
@@ -131,10 +125,3 @@ class QATModule(nn.Module):
             self.qat_state[1] = 1
         return self.model(*args)
 
-    def convert(self) -> GraphModule:
-        """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
-        return convert(self.model)
-
-    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
-        """Write QDQ ONNX and check it in onnxruntime against `convert()` on the example inputs."""
-        return export_onnx(self.convert(), self.example_inputs, path, self.scheme, opset)
