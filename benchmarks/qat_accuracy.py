@@ -67,7 +67,7 @@ def run_model(name: str, epochs: int, lr: float, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--models", nargs="+", default=["resnet18", "regnet_x_400mf", "mobilenet_v2"])
     args = parser.parse_args()
     rows = []
