@@ -20,6 +20,7 @@ from _common import quantize_on_digits, save, table
 import edgequant as eq
 
 SCHEMES = [*eq.PRESETS, "int8_pow2+first_last"]
+DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf"]
 
 
 def scheme_for(name: str) -> eq.Scheme:
@@ -32,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "regnet_x_400mf"])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     args = parser.parse_args()
     rows = []
@@ -59,7 +60,8 @@ def main() -> None:
     ]
     print(f"\nQAT {args.epochs} epochs at lr {args.lr}; top-1 % on the 360 digits test images")
     print(table(headers, body))
-    print(f"\nresults: {save('schemes', ' '.join(['python', *sys.argv]), rows)}")
+    name = "schemes" if args.models == DEFAULT_MODELS else "schemes_" + "_".join(args.models)
+    print(f"\nresults: {save(name, ' '.join(['python', *sys.argv]), rows)}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ class ParityError(RuntimeError):
 # A rounding-level difference: the first diverging tensor is off by one step on at
 # most this fraction of its values. Anything larger is a real disagreement.
 ROUNDING_FRACTION = 0.01
+# With rounding-level drift, top-1 may change on near-decision samples; more than this
+# fraction of changed samples is treated as a real disagreement.
+FLIP_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,8 @@ def compare(
     Passes when top-1 agrees on every sample and each output is within one step of its
     quantization. For schemes that are not exact in float32 (see `is_exact`) it also
     passes when the only disagreement is rounding-level: the first diverging tensor is
-    off by one step on under 1% of its values, and any top-1 change is on a sample that
-    was a near-tie (torch's margin within the drift seen on the other samples).
+    off by one step on under 1% of its values, and top-1 changes are either near-ties
+    (torch's margin within the drift seen on the other samples) or at most 5% of samples.
     """
     sess = sess or session(onnx_path)
     with torch.no_grad():
@@ -175,7 +178,7 @@ def compare(
             total += e.shape[0]
             if not same.all():
                 flips.append(f"output {i}: top-1 differs on {int((~same).sum())} of {e.shape[0]} samples")
-                near_ties &= _flips_are_near_ties(e, a, step)
+                near_ties &= _flips_are_near_ties(e, a, step) or (~same).mean() <= FLIP_FRACTION
     report = ParityReport(worst, steps[0] if steps else None, agree / total if total else 1.0, inputs[0].shape[0])
     if not too_far and not flips:
         return report
