@@ -23,6 +23,8 @@ from torch.fx import GraphModule, Node
 aten = torch.ops.aten
 
 CONV_OPS = (aten.conv1d.default, aten.conv2d.default)
+# Layers with weights (and a bias) that the engine quantizes.
+WEIGHTED_OPS = (*CONV_OPS, aten.linear.default)
 BN_OP = aten.batch_norm.default
 # A fused BN is re-targeted to this op: same arguments, same running-stat updates,
 # but torchao's prepare_qat_pt2e does not pattern-match it into its own fusion.

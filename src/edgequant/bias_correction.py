@@ -13,11 +13,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from .batchnorm import WEIGHTED_OPS
 from .observers import RangeObserver
 from .scales import dequantize, quantize
 
 aten = torch.ops.aten
-WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
 
 
 def _module(gm: GraphModule, node: object) -> RangeObserver | None:

@@ -7,8 +7,9 @@ import operator
 import torch
 from torch.fx import GraphModule
 
+from .batchnorm import WEIGHTED_OPS
+
 aten = torch.ops.aten
-WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
 
 
 @torch.no_grad()

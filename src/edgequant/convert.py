@@ -10,13 +10,12 @@ import torch
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from .batchnorm import fold_fused_bn, set_graph_training
+from .batchnorm import WEIGHTED_OPS, fold_fused_bn, set_graph_training
 from .parity import DQ_OPS
 from .scales import qrange
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-WEIGHTED_OPS = (aten.conv1d.default, aten.conv2d.default, aten.linear.default)
 INT32_MIN, INT32_MAX = qrange(32)
 
 

@@ -13,11 +13,10 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
-from .batchnorm import fold_bn, reestimate_bn, set_graph_training
+from .batchnorm import WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
-from .convert import WEIGHTED_OPS
 from .equalization import equalize
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer

@@ -24,7 +24,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, fuse_conv_bn_for_qat
+from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, WEIGHTED_OPS, fuse_conv_bn_for_qat
 from .equalization import BOUND_OP
 from .observers import FakeQuantize, RangeObserver
 from .scales import qrange
@@ -32,7 +32,6 @@ from .scheme import Scheme
 
 aten = torch.ops.aten
 
-WEIGHTED_OPS = (*CONV_OPS, aten.linear.default)
 # Activations fused into the preceding conv / linear / add: no requantization between.
 FUSED_ACTIVATIONS = (
     aten.relu.default,
