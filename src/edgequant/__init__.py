@@ -10,6 +10,7 @@ import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_de
 
 from .capture import CaptureError  # noqa: E402
 from .export import ExportResult  # noqa: E402
+from .guidelines import Finding, check  # noqa: E402
 from .parity import ParityError, ParityReport  # noqa: E402
 from .ptq import PTQConfig, PTQModule  # noqa: E402
 from .qat import QATModule  # noqa: E402
@@ -20,6 +21,7 @@ __all__ = [
     "PRESETS",
     "CaptureError",
     "ExportResult",
+    "Finding",
     "FreezeSchedule",
     "PTQConfig",
     "PTQModule",
@@ -27,6 +29,7 @@ __all__ = [
     "ParityReport",
     "QATModule",
     "Scheme",
+    "check",
     "get_scheme",
 ]
 __version__ = "0.1.0"
