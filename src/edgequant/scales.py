@@ -11,6 +11,9 @@ import torch
 # Smallest scale we hand out: a range of exactly zero must still give a valid,
 # finite quantizer (a dead channel is common after BN folding).
 MIN_SCALE = 2.0**-24
+# float32 layout: 23 mantissa bits under the exponent (pow2_ceil works on them).
+_MANTISSA_MASK = (1 << 23) - 1
+_EXPONENT_MASK = -(1 << 23)
 
 
 def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
@@ -23,16 +26,16 @@ def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
 
 
 def pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= `scale`, computed exactly with frexp.
+    """Smallest power of two >= `scale`, computed exactly on the float32 bits.
 
-    `2**ceil(log2(s))` can be off by one exponent when log2 rounds; frexp
-    splits s = m * 2**e with m in [0.5, 1) without any rounding, and s is a
-    power of two exactly when m == 0.5.
+    `2**ceil(log2(s))` can be off by one exponent when log2 rounds. For a
+    positive normal float32, adding 2**23 - 1 to its bit pattern carries into
+    the exponent unless the mantissa is already zero, and masking the mantissa
+    off then leaves exactly the next power of two; no rounding is involved.
     """
     scale = torch.clamp(scale.to(torch.float32), min=MIN_SCALE)
-    mantissa, exponent = torch.frexp(scale)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(scale), exponent)
+    bits = scale.view(torch.int32) + _MANTISSA_MASK
+    return bits.bitwise_and_(_EXPONENT_MASK).view(torch.float32)
 
 
 def symmetric_scale(max_abs: torch.Tensor, qmax: int, power_of_2: bool) -> torch.Tensor:
@@ -41,8 +44,8 @@ def symmetric_scale(max_abs: torch.Tensor, qmax: int, power_of_2: bool) -> torch
     With `power_of_2` the scale is rounded *up* to a power of two, so the range
     is still covered and every rescale in the engine becomes a shift.
     """
-    scale = torch.clamp(max_abs.to(torch.float32) / qmax, min=MIN_SCALE)
-    return pow2_ceil(scale) if power_of_2 else scale
+    scale = max_abs.to(torch.float32) / qmax
+    return pow2_ceil(scale) if power_of_2 else torch.clamp(scale, min=MIN_SCALE)
 
 
 def asymmetric_qparams(
