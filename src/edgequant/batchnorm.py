@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from . import distributed
+
 aten = torch.ops.aten
 
 CONV_OPS = (aten.conv1d.default, aten.conv2d.default)
@@ -29,7 +31,10 @@ BN_OP = aten.batch_norm.default
 # A fused BN is re-targeted to this op: same arguments, same running-stat updates,
 # but torchao's prepare_qat_pt2e does not pattern-match it into its own fusion.
 FUSED_BN_OP = aten._native_batch_norm_legit.default
-BN_OPS = (BN_OP, FUSED_BN_OP)
+# Under DDP, training-mode BN nodes call these instead: same arguments, statistics over all ranks.
+SYNC_BN_OPS = {BN_OP: distributed.batch_norm, FUSED_BN_OP: distributed.native_batch_norm_legit}
+_LOCAL_BN_OPS = {sync: local for local, sync in SYNC_BN_OPS.items()}
+BN_OPS = (BN_OP, FUSED_BN_OP, *SYNC_BN_OPS.values())
 DROPOUT_OPS = (aten.dropout.default, aten.dropout_.default)
 # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 _BN_TRAINING = 5
@@ -185,14 +190,22 @@ def _drop_bn_counters(gm: GraphModule) -> None:
                 gm.graph.erase_node(node)
 
 
-def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool) -> None:
+def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool, sync_bn: bool = False) -> None:
     """Switch dropout and BN nodes between train and eval behaviour in place.
 
     Only the `training` literal is edited, so eps and momentum stay as exported.
+    With `sync_bn`, training-mode BN nodes call the cross-rank versions in
+    `distributed.py`; in eval mode BN is always the aten op, so convert and export
+    never see them.
     """
     changed = False
     for node in gm.graph.nodes:
         if node.target in BN_OPS:
+            local = _LOCAL_BN_OPS.get(node.target, node.target)
+            target = SYNC_BN_OPS[local] if batchnorm and sync_bn else local
+            if node.target != target:
+                node.target = target
+                changed = True
             args = _bn_args(node) + list(node.args[8:])
             if args[_BN_TRAINING] != batchnorm:
                 args[_BN_TRAINING] = batchnorm

@@ -11,7 +11,7 @@ import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize as _TorchaoFakeQuantize
 from torchao.quantization.pt2e.observer import ObserverBase
 
-from . import scales
+from . import distributed, scales
 
 
 class RangeObserver(ObserverBase):
@@ -22,6 +22,9 @@ class RangeObserver(ObserverBase):
     for the first 1/c updates, then as a moving average), which lets QAT ranges
     follow weights and activations as they train. c=1 tracks the latest tensor.
     `channel_axis` selects one range per slice along that axis (weights: 0).
+    With `sync_across_ranks` set, each batch's extremes are first reduced to the
+    min / max over all ranks of torch.distributed (a no-op in a single process), so
+    every rank folds in the same global extremes and holds the same range.
     """
 
     min_val: torch.Tensor
@@ -46,6 +49,7 @@ class RangeObserver(ObserverBase):
         self.power_of_2 = power_of_2
         self.symmetric = symmetric
         self.averaging_constant = averaging_constant
+        self.sync_across_ranks = False
         # torchao reads `ch_axis`; it is passed as `channel_axis` because torchao's
         # prepare drops a `ch_axis` argument for observers not named "PerChannel...".
         self.ch_axis = channel_axis
@@ -56,6 +60,7 @@ class RangeObserver(ObserverBase):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
+        self._history: int | None = 0
         # PTQ range estimation beyond min/max: a histogram of |x| over a fixed range,
         # filled in a second calibration pass (memory stays at `bins` counts).
         self.estimator = "minmax"
@@ -106,7 +111,9 @@ class RangeObserver(ObserverBase):
         return x
 
     def update(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
-        """Fold one batch's extremes into the range; tensor ops only, no host syncs."""
+        """Fold one batch's extremes into the range without host syncs."""
+        if self.sync_across_ranks:
+            batch_min, batch_max = distributed.reduce_extremes(batch_min, batch_max)
         if self.min_val.shape != batch_min.shape:
             self.min_val = torch.full_like(batch_min, float("inf"))
             self.max_val = torch.full_like(batch_max, float("-inf"))
@@ -117,17 +124,30 @@ class RangeObserver(ObserverBase):
             return
         # A plain running mean for the first 1/c updates, then the moving average:
         # ranges settle within a few steps instead of drifting from their first value.
-        self.updates += 1
-        weight = torch.clamp(1.0 / self.updates, min=c)
-        first = self.updates == 1
-        self.min_val.copy_(torch.where(first, batch_min, torch.lerp(self.min_val, batch_min, weight)))
-        self.max_val.copy_(torch.where(first, batch_max, torch.lerp(self.max_val, batch_max, weight)))
+        # The count is mirrored on the host, so the weight is a Python number.
+        if self._history is None:
+            self._history = int(self.updates)
+        self._history += 1
+        self.updates.fill_(self._history)
+        if self._history == 1 or c == 1.0:
+            self.min_val.copy_(batch_min)
+            self.max_val.copy_(batch_max)
+        else:
+            weight = max(1.0 / self._history, c)
+            self.min_val.lerp_(batch_min, weight)
+            self.max_val.lerp_(batch_max, weight)
+
+    def set_history(self, updates: int) -> None:
+        """Count `updates` earlier batches as folded in (e.g. a calibration carried over)."""
+        self.updates.fill_(updates)
+        self._history = updates
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Per-channel ranges are sized on first use; take the checkpoint's size.
         for name in ("min_val", "max_val"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        self._history = None  # re-read from the loaded `updates` on the next update
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -180,8 +200,11 @@ class _FakeQuant(torch.autograd.Function):
             q += zero_point
         ctx.clip_mask = clip_mask
         if clip_mask:
-            ctx.save_for_backward((q >= quant_min) & (q <= quant_max))
-        q.clamp_(quant_min, quant_max)
+            # Clamping into a new tensor gives the mask in one comparison pass.
+            clamped = q.clamp(quant_min, quant_max)
+            ctx.save_for_backward(clamped == q)
+            q = clamped
+        # Without a mask the range was measured on x itself: |q| <= quant_max already.
         if zero_point is not None:
             q -= zero_point
         return q.mul_(scale)
@@ -190,7 +213,8 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.clip_mask:
             (mask,) = ctx.saved_tensors
-            grad = grad * mask
+            # One pass; grad * mask would first convert the mask to float.
+            grad = torch.where(mask, grad, 0.0)
         return grad, None, None, None, None, None
 
 
@@ -230,9 +254,10 @@ class FakeQuantize(_TorchaoFakeQuantize):
             scale, zero_point = obs.qparams()
             if self.scale.shape != scale.shape:
                 self.scale.resize_(scale.shape)
-                self.zero_point.resize_(zero_point.shape)
+                self.zero_point.resize_(zero_point.shape).zero_()
             self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+            if not obs.symmetric:  # symmetric zero points stay 0
+                self.zero_point.copy_(zero_point)
         if not self.fake_quant_enabled.item():
             return x
         scale, zero_point = self.scale, None if obs.symmetric else self.zero_point

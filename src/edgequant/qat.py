@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from .batchnorm import attach_bn_factors, set_graph_training
@@ -29,6 +29,12 @@ class QATModule(QuantWrapper):
     `FreezeSchedule(total_epochs)` decides when BN statistics and then ranges
     freeze. ``eval()`` is deterministic: BN uses running statistics and ranges
     don't move.
+
+    Under DistributedDataParallel (any time torch.distributed is initialized with
+    more than one rank during a training step) activation ranges and BN batch
+    statistics are reduced over all ranks, so every rank holds the same state as
+    one process on the concatenated batch would. ``sync=False`` keeps them per rank.
+    Construction itself never communicates.
     """
 
     def __init__(
@@ -37,26 +43,31 @@ class QATModule(QuantWrapper):
         example_inputs: tuple[torch.Tensor, ...],
         scheme: str | Scheme = "int8_pow2",
         total_epochs: int | None = None,
+        sync: bool = True,
     ) -> None:
         super().__init__(example_inputs, scheme)
         self.schedule = FreezeSchedule(total_epochs)
+        self._sync = sync
         graph = capture(model, self.example_inputs)
         self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
         attach_bn_factors(self.model)
         # [epoch, trained-since-last-train()-call]; a buffer so checkpoints resume the schedule.
         self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
         self._init_ranges()
+        # Weight quantizers need no reduction: DDP keeps weights (and synced BN statistics) equal.
+        for fq in self.activation_quantizers():
+            fq.activation_post_process.sync_across_ranks = sync
         self.train(model.training)
 
     @classmethod
-    def from_ptq(cls, ptq: PTQModule, total_epochs: int | None = None) -> QATModule:
+    def from_ptq(cls, ptq: PTQModule, total_epochs: int | None = None, sync: bool = True) -> QATModule:
         """Start QAT from a calibrated PTQModule: its folded, equalized weights and its ranges.
 
         BN is already folded there, so only the range-freezing part of the schedule applies.
         """
         if not int(ptq.calibrated_samples):
             raise ValueError("the PTQModule is not calibrated yet: call calibrate(data) first")
-        qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs)
+        qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync)
         sources = ptq.activation_observers()
         targets = [fq for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]
         if len(sources) != len(targets):
@@ -70,7 +81,7 @@ class QATModule(QuantWrapper):
             else:
                 obs.min_val, obs.max_val = source.min_val.clone(), source.max_val.clone()
             # Count the calibration as history: the moving average starts from these ranges.
-            obs.updates.fill_(int(1 / obs.averaging_constant))
+            obs.set_history(int(1 / obs.averaging_constant))
             new_scale, new_zero_point = obs.qparams()
             target.scale.copy_(new_scale)
             target.zero_point.copy_(new_zero_point)
@@ -88,8 +99,24 @@ class QATModule(QuantWrapper):
     def ranges_frozen(self) -> bool:
         return self.schedule.ranges_frozen(self.epoch)
 
+    @property
+    def sync(self) -> bool:
+        """Whether ranges and BN statistics are reduced across torch.distributed ranks."""
+        return self._sync
+
     def fake_quantizers(self) -> list[FakeQuantize]:
         return [m for m in self.model.modules() if isinstance(m, FakeQuantize)]
+
+    def activation_quantizers(self) -> list[FakeQuantize]:
+        """The quantizers of activations (inputs that are not the model's own weights)."""
+        found = []
+        for node in self.model.graph.nodes:
+            source = node.args[0] if node.op == "call_module" and node.args else None
+            if isinstance(source, Node) and source.op != "get_attr":
+                module = self.model.get_submodule(node.target)
+                if isinstance(module, FakeQuantize):
+                    found.append(module)
+        return found
 
     @torch.no_grad()
     def _init_ranges(self) -> None:
@@ -112,10 +139,13 @@ class QATModule(QuantWrapper):
                     fq.freeze()
         for fq in self.fake_quantizers():
             fq.set_observing(mode)
-        set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen)
+        set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen, sync_bn=self._sync)
         return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint, also one saved from the DDP wrapper (keys prefixed "module.")."""
+        if state_dict and all(key.startswith("module.") for key in state_dict):
+            state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.train(self.training)  # apply the loaded epoch's freezing to the graph now
         return result
