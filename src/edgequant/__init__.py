@@ -8,6 +8,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_decomposed ops)
 
+from .analysis import AnalysisReport, analyze  # noqa: E402
 from .capture import CaptureError  # noqa: E402
 from .export import ExportResult  # noqa: E402
 from .guidelines import Finding, check  # noqa: E402
@@ -19,6 +20,7 @@ from .scheme import PRESETS, Scheme, get_scheme  # noqa: E402
 
 __all__ = [
     "PRESETS",
+    "AnalysisReport",
     "CaptureError",
     "ExportResult",
     "Finding",
@@ -29,6 +31,7 @@ __all__ = [
     "ParityReport",
     "QATModule",
     "Scheme",
+    "analyze",
     "check",
     "get_scheme",
 ]
