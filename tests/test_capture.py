@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant.capture import CaptureError, capture, check_example_inputs
+from edgequant.capture import MODEL_CLASS_KEY, CaptureError, capture, check_example_inputs
 
 
 class Branchy(nn.Module):
@@ -69,3 +69,53 @@ def test_batch_of_one_with_bn_exports_and_runs_any_batch():
 def test_bad_example_inputs(inputs, error):
     with pytest.raises(error):
         check_example_inputs(inputs)
+
+
+def test_wrong_input_shape_is_named_with_the_shape():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(ValueError, match=r"does not run on example_inputs of shape \(2, 5, 8, 8\)") as info:
+        capture(model, (torch.randn(2, 5, 8, 8),))  # 5 channels into a 3-channel conv
+    assert "channels" in str(info.value) and len(str(info.value).splitlines()) <= 3
+
+
+def test_input_dtype_must_match_the_weights():
+    with pytest.raises(TypeError, match=r"float64 but the model's weights are torch.float32.*\.to\(torch.float32\)"):
+        capture(nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+
+
+class Noisy(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x)  # random in every mode, not behind self.training
+
+
+def test_random_ops_outside_dropout_are_reported():
+    with pytest.warns(UserWarning, match=r"random numbers \(aten.randn_like in `<root>`\)"):
+        capture(Noisy(), (torch.randn(2, 3),))
+
+
+def test_train_only_branches_are_captured_in_their_eval_form():
+    class Aux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return (y, y * 2) if self.training else y  # an auxiliary output in training only
+
+    model = Aux().train()
+    gm = capture(model, (torch.randn(4, 3),))
+    assert isinstance(gm(torch.randn(4, 3)), torch.Tensor)
+    bn = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default)
+    assert bn.args[5] is True  # BN itself stays in train mode, for the wrappers to switch
+    assert gm.meta[MODEL_CLASS_KEY].endswith("Aux")
+    assert model.training
+
+
+def test_cumulative_average_bn_is_captured_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"momentum=None.*`1`.*momentum 0\.1"):
+        gm = capture(model, (torch.randn(2, 3, 8, 8),))
+    bn = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default)
+    assert bn.args[6] == 0.1
+    assert model[1].momentum is None  # the caller's model is untouched

@@ -4,10 +4,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from edgequant import QATModule
+from edgequant import PTQModule, QATModule, export
 from edgequant.export import choose_opset
+from edgequant.parity import ParityError, run_onnx, session
 
 from .conftest import qdq_nodes
 
@@ -84,3 +87,118 @@ def test_export_replaces_file_atomically(qmodel, tmp_path):
 def test_choose_opset_for_int8(qmodel):
     assert choose_opset(qmodel.convert(), None) == 18
     assert choose_opset(qmodel.convert(), 21) == 21
+
+
+def _previous_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous model")
+    return path
+
+
+def test_failure_midway_keeps_the_previous_file(qmodel, tmp_path, monkeypatch):
+    path = _previous_file(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("onnxruntime crashed")
+
+    monkeypatch.setattr(export, "compare", crash)  # fails after the new file was written
+    with pytest.raises(RuntimeError, match="crashed"):
+        qmodel.export(path)
+    assert path.read_bytes() == b"previous model"
+    assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left behind
+
+
+def test_rejected_export_is_kept_aside_and_the_previous_file_survives(qmodel, tmp_path, monkeypatch):
+    path = _previous_file(tmp_path)
+
+    def disagree(*args, **kwargs):
+        raise ParityError("onnxruntime disagrees")
+
+    monkeypatch.setattr(export, "compare", disagree)
+    with pytest.raises(ParityError, match=r"kept at .*m\.rejected\.onnx"):
+        qmodel.export(path)
+    assert path.read_bytes() == b"previous model"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.rejected.onnx"]
+    onnx.checker.check_model(str(tmp_path / "m.rejected.onnx"))  # the complete file, for inspection
+
+
+def test_unwritable_destination_is_refused_before_any_work(qmodel, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "export_onnx", None)  # must not be reached
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match="not writable"):
+        qmodel.export(tmp_path / "m.onnx")
+
+
+def test_int16_needs_opset_21(tmp_path):
+    torch.manual_seed(0)
+    q16 = QATModule(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (torch.randn(2, 3, 8, 8),), "int16").eval()
+    with pytest.raises(ValueError, match="opset 18 cannot express int16"):
+        q16.export(tmp_path / "m.onnx", opset=18)
+
+
+class TwoHeads(nn.Module):
+    """Returns a dict, as torchvision's segmentation models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        return {"out": self.out(features), "aux": self.aux(features)}
+
+
+def test_dict_outputs_become_onnx_outputs_in_order(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = PTQModule(TwoHeads().eval(), (x[:1],)).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "seg.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    with torch.no_grad():
+        expected = qmodel(x)
+    out, aux = run_onnx(session(str(result.path)), (x,))
+    assert np.array_equal(out, expected["out"].numpy()) and np.array_equal(aux, expected["aux"].numpy())
+
+
+def _torchvision(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=10)
+    return torchvision.models.get_model(name, weights=None, num_classes=10)
+
+
+def warm_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """BN statistics from a few batches, as a trained model has (random-init ones are 0 / 1)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name", ["squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "lraspp_mobilenet_v3_large"]
+)
+def test_zoo_sample_through_ptq_and_export(name, digits_train, tmp_path):
+    """A CI-sized sample of benchmarks/zoo.py: fire modules, channel shuffle, SE blocks with
+    stochastic depth, and a segmentation head with a dict output."""
+    x = digits_train[0]
+    model = warm_bn(_torchvision(name), [x[:16], x[16:32]])
+    qmodel = PTQModule(model, (x[:4],)).calibrate([x[:16], x[16:32]], progress=False)
+    result = qmodel.export(tmp_path / f"{name}.onnx")
+    assert result.parity.max_abs_diff == 0.0 and result.parity.top1_agreement == 1.0
+    test = x[100:106]  # a batch the parity check did not see
+    with torch.no_grad():
+        expected = [t.numpy() for t in pytree.tree_leaves(qmodel(test))]
+    got = run_onnx(session(str(result.path)), (test,))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
+    assert float(np.abs(expected[0]).max()) > 0  # not a dead network

@@ -1,6 +1,13 @@
+import numpy as np
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
+from edgequant import scales
 from edgequant.observers import FakeQuantize, RangeObserver
+
+from .test_scales import OFFSETS, PROPERTY, ort_qdq
 
 
 def test_minmax_observer_keeps_extremes_and_pow2_scale():
@@ -72,3 +79,62 @@ def test_activation_clip_mask_zeroes_gradient_outside_range():
     assert y.tolist() == [0.5, 127 * 2.0**-6, -128 * 2.0**-6]
     y.sum().backward()
     assert x.grad.tolist() == [1.0, 0.0, 0.0]
+
+
+SHAPES = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5)
+
+
+@PROPERTY
+@given(shape=SHAPES, data=st.data(), power_of_2=st.booleans())
+def test_per_channel_ranges_follow_the_chosen_axis(shape, data, power_of_2):
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    x = torch.from_numpy(data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-100, 100, width=32))))
+    obs = RangeObserver(channel_axis=axis, power_of_2=power_of_2)
+    obs(x)
+    others = [d for d in range(x.dim()) if d != axis]
+    want_min = x.amin(dim=others) if others else x
+    want_max = x.amax(dim=others) if others else x
+    assert torch.equal(obs.min_val, want_min) and torch.equal(obs.max_val, want_max)
+    scale, zero_point = obs.calculate_qparams()
+    assert scale.shape == (shape[axis],) and torch.all(zero_point == 0)
+    max_abs = torch.maximum(-want_min, want_max)
+    assert torch.all(scale * obs.quant_max >= max_abs)  # every channel's range is covered
+    if power_of_2:
+        assert scales.is_power_of_2(scale)
+
+
+def _frozen_fake_quant(exponents: list[int], bits: int, axis: int | None, rank: int) -> FakeQuantize:
+    """A fake-quantizer whose (per-channel) scales are 2**exponents, frozen."""
+    qmin, qmax = scales.qrange(bits)
+    dtype = torch.int8 if bits == 8 else torch.int16
+    fq = FakeQuantize(observer=RangeObserver, dtype=dtype, quant_min=qmin, quant_max=qmax, channel_axis=axis)
+    steps = torch.tensor([2.0**e for e in exponents])
+    shape = [1] * rank
+    if axis is not None:
+        shape[axis] = len(exponents)
+    fq(qmax * steps.reshape(shape))  # a range of exactly qmax steps gives the step itself
+    fq.freeze()
+    return fq
+
+
+@PROPERTY
+@given(bits=st.sampled_from([8, 16]), shape=SHAPES, per_channel=st.booleans(), data=st.data())
+def test_fake_quant_equals_onnxruntime_qdq_bit_for_bit(bits, shape, per_channel, data):
+    """Power-of-2 steps, values on the grid, at ties (k + 0.5) and past the range: identical results."""
+    qmin, qmax = scales.qrange(bits)
+    axis = data.draw(st.integers(0, len(shape) - 1)) if per_channel else None
+    channels = shape[axis] if per_channel else 1
+    exponents = data.draw(st.lists(st.integers(-12, 3), min_size=channels, max_size=channels))
+    fq = _frozen_fake_quant(exponents, bits, axis, len(shape))
+    steps = np.array([2.0**e for e in exponents], np.float32)
+    assert np.array_equal(fq.scale.numpy(), steps)
+    k = data.draw(hnp.arrays(np.int64, shape, elements=st.integers(qmin - 3, qmax + 3)))
+    offsets = data.draw(hnp.arrays(np.float64, shape, elements=OFFSETS))
+    grid = steps.reshape([-1 if d == axis else 1 for d in range(len(shape))]) if per_channel else steps[0]
+    x = ((k + offsets) * grid).astype(np.float32)
+    with torch.no_grad():
+        ours = fq(torch.from_numpy(x)).numpy()
+    scale = steps if per_channel else steps[0]
+    zero_point = np.zeros(channels, np.int64) if per_channel else np.int64(0)
+    _, theirs = ort_qdq(x, scale, zero_point, bits, axis)
+    assert np.array_equal(ours, theirs)

@@ -96,3 +96,44 @@ def test_every_technique_runs_through_export(config, digits_model, calib, digits
     assert result.parity.max_abs_diff == 0.0
     test = [(x[i : i + 120], y[i : i + 120]) for i in range(0, 360, 120)]
     assert accuracy(qmodel, test) >= accuracy(model, test) - 3.0
+
+
+def test_nan_in_a_plain_calibration_loop_is_refused(digits_train):
+    x, _ = digits_train
+    qmodel = eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],))
+    bad = x[:8].clone()
+    bad[3, 1] = float("inf")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input 0 contains NaN or Inf.*skip_nonfinite"):
+        qmodel(bad)
+    assert int(qmodel.calibrated_samples) == 0  # nothing was observed
+
+
+class ChannelsLast(torch.nn.Module):
+    """A linear layer on (N, H, W, C) data, as in ConvNeXt blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.mix(self.conv(x).permute(0, 2, 3, 1))  # channels are the last dim here, not dim 1
+        return self.head(y.mean((1, 2)))
+
+
+def test_bias_correction_only_uses_channel_means_it_can_read(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 5, 5)  # H = 5 != C = 6: a mean along dim 1 would not fit the layer
+    qmodel = eq.PTQModule(ChannelsLast().eval(), (x,))
+    corrected = qmodel._bias_correction_inputs()
+    readers = {
+        u.target
+        for n in qmodel.model.graph.nodes
+        if n.op == "call_module" and qmodel.model.get_submodule(n.target) in corrected
+        for u in n.users
+    }
+    assert torch.ops.aten.conv2d.default in readers and len(corrected) == 2  # the conv's and the 2-D head's input
+    qmodel.calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "cl.onnx")
+    assert result.parity.max_abs_diff == 0.0

@@ -1,15 +1,18 @@
 """Each preset's rules, read back from the exported ONNX file; mixed-precision boundaries."""
 
 import json
+import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from torch import nn
 
 import edgequant as eq
 from edgequant.parity import run_onnx, session
+from edgequant.quantizer import UnquantizedOpsWarning
 
 from .conftest import constant_values, warmed_model
 
@@ -169,3 +172,96 @@ def test_int16_only_model_goes_to_tidl_in_float(data, tmp_path):
     tidl = onnx.load(str(result.tidl_path))
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and "int16" in n.name for n in tidl.graph.node)
     assert not _int16_q_inputs(tidl)
+
+
+class ReusedReLU(nn.Module):
+    """One nn.ReLU module called after two convs (as torchvision's BasicBlock does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> list[str]:
+    return [n.op_type for n in model.graph.node if name in n.input]
+
+
+def test_a_reused_relu_is_fused_at_each_call(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    qmodel = eq.PTQModule(ReusedReLU().eval(), (x,)).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "relu.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    model = onnx.load(str(result.path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    for conv in convs:  # conv -> relu -> one requantization, at both call sites
+        assert _consumers(model, conv.output[0]) == ["Relu"]
+        relu = next(n for n in model.graph.node if conv.output[0] in n.input)
+        assert _consumers(model, relu.output[0]) == ["QuantizeLinear"]
+
+
+class Attention(nn.Module):
+    """Ops without a quantization rule: layer norm, matmul, softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.query = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        tokens = self.norm(self.conv(x).flatten(2).transpose(1, 2))
+        weights = torch.softmax(self.query(tokens) @ tokens.transpose(1, 2), dim=-1)
+        return self.head((weights @ tokens).mean(1))
+
+
+def test_ops_without_a_rule_stay_float_with_a_warning_naming_them(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UnquantizedOpsWarning) as record:
+        qmodel = eq.PTQModule(Attention().eval(), (x,))
+    text = str(record[0].message)
+    assert "aten.layer_norm x1 (e.g. in `norm`)" in text
+    assert "aten.softmax" in text and "aten.matmul x2" in text
+    assert "transpose" not in text and "flatten" not in text  # moving values needs no rule
+    qmodel.calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "attention.onnx")
+    model = onnx.load(str(result.path))
+    norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert producer[norm.input[0]] == "Transpose" and _consumers(model, norm.output[0])  # float, in place
+    with torch.no_grad():
+        ours = qmodel(x).numpy()
+    assert np.abs(run_onnx(session(str(result.path)), (x,))[0] - ours).max() <= result.parity.output_step
+
+
+def test_bn_without_a_conv_before_it_is_requantized(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()  # pre-activation: BN after a ReLU, as in DenseNet
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-0.5, 0.5)
+        model[2].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnquantizedOpsWarning)
+        qmodel = eq.PTQModule(model, (x,)).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "preact.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    onnx_model = onnx.load(str(result.path))
+    producer = {o: n.op_type for n in onnx_model.graph.node for o in n.output}
+    (bn,) = [n for n in onnx_model.graph.node if n.op_type == "BatchNormalization"]
+    assert producer[bn.input[0]] == "DequantizeLinear"
+    (relu,) = [n for n in onnx_model.graph.node if bn.output[0] in n.input]
+    assert relu.op_type == "Relu" and _consumers(onnx_model, relu.output[0]) == ["QuantizeLinear"]

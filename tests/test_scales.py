@@ -1,5 +1,13 @@
+from functools import cache
+
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper
 
 from edgequant import scales
 
@@ -91,3 +99,119 @@ def test_mse_range_clips_a_lone_outlier_but_not_a_dense_tail():
     assert clipped.item() < 10.0 / 4  # a power-of-2 step chosen below the outlier
     uniform = torch.ones(bins)
     assert scales.mse_optimal_max_abs(uniform, 10.0, 127, power_of_2=False).item() == pytest.approx(10.0, rel=0.05)
+
+
+# Property tests: the arithmetic holds for any scale, zero point, width and value.
+
+PROPERTY = settings(max_examples=60, deadline=None)
+POW2_SCALES = st.integers(-20, 4).map(lambda e: 2.0**e)
+FREE_SCALES = st.floats(2.0**-13, 10.0, width=32)
+BITS = st.sampled_from([8, 16])
+# Offsets from an integer grid point, in steps: exact ties, near-ties and plain values.
+OFFSETS = st.sampled_from([0.0, 0.5, -0.5, 0.25, -0.75, 0.4999999, 0.5000001])
+
+
+@cache
+def _qdq_session(bits: int, axis: int | None) -> ort.InferenceSession:
+    """QuantizeLinear -> DequantizeLinear with scale and zero point fed at run time."""
+    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT16
+    attrs = {} if axis is None else {"axis": axis}
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs),
+        ],
+        "qdq",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("z", qtype, None),
+        ],
+        [helper.make_tensor_value_info("q", qtype, None), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def ort_qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, axis: int | None = None):
+    """(integers, dequantized values) as onnxruntime computes them."""
+    dtype = np.int8 if bits == 8 else np.int16
+    feed = {"x": x.astype(np.float32), "s": np.asarray(scale, np.float32), "z": np.asarray(zero_point, dtype)}
+    return _qdq_session(bits, axis).run(None, feed)
+
+
+def grid_values(data, scale: float, qmin: int, qmax: int, zero_point: int = 0) -> np.ndarray:
+    """Values at grid points, ties and near-ties, some past both ends of the range."""
+    n = data.draw(st.integers(1, 48))
+    k = data.draw(hnp.arrays(np.int64, n, elements=st.integers(qmin - zero_point - 3, qmax - zero_point + 3)))
+    offsets = data.draw(hnp.arrays(np.float64, n, elements=OFFSETS))
+    return ((k + offsets) * scale).astype(np.float32)
+
+
+@PROPERTY
+@given(scale=st.one_of(POW2_SCALES, FREE_SCALES), bits=BITS, data=st.data())
+def test_round_trip_error_is_at_most_half_a_step_inside_the_range(scale, bits, data):
+    qmin, qmax = scales.qrange(bits)
+    zero_point = data.draw(st.integers(qmin // 2, qmax // 2))
+    lo, hi = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    inside = st.floats(float(np.float32(lo) * 0.999), float(np.float32(hi) * 0.999), width=32)
+    x = data.draw(hnp.arrays(np.float32, st.integers(1, 64), elements=inside))
+    s, z = torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point)
+    q = scales.quantize(torch.from_numpy(x), s, z, qmin, qmax)
+    assert q.min() >= qmin and q.max() <= qmax and torch.equal(q, q.round())
+    error = (scales.dequantize(q, s, z) - torch.from_numpy(x)).abs().double()
+    # float32 arithmetic adds at most a rounding of x / s and of the product (free scales only)
+    slack = 0.0 if scales.is_power_of_2(s) else 1e-6 * max(abs(lo), abs(hi))
+    assert float(error.max()) <= float(s) / 2 + slack
+
+
+@PROPERTY
+@given(scale=st.one_of(POW2_SCALES, FREE_SCALES), bits=BITS, beyond=st.floats(1.0, 1e6), sign=st.sampled_from([-1, 1]))
+def test_values_beyond_the_range_saturate_at_the_bounds(scale, bits, beyond, sign):
+    qmin, qmax = scales.qrange(bits)
+    edge = qmax if sign > 0 else qmin
+    x = torch.tensor([(edge + sign * beyond) * scale], dtype=torch.float32)
+    q = scales.quantize(x, torch.tensor(scale), torch.tensor(0), qmin, qmax)
+    assert q.item() == edge
+
+
+@PROPERTY
+@given(max_abs=st.floats(2.0**-20, 2.0**20, width=32), bits=BITS)
+def test_pow2_scale_is_the_smallest_power_of_two_covering_the_range(max_abs, bits):
+    _, qmax = scales.qrange(bits)
+    scale = scales.symmetric_scale(torch.tensor(max_abs), qmax, power_of_2=True)
+    assert scales.is_power_of_2(scale)
+    mantissa, _ = np.frexp(scale.item())
+    assert mantissa == 0.5
+    assert scale.item() * qmax >= max_abs  # covers the observed range: no clipping
+    if scale.item() > scales.MIN_SCALE:
+        assert scale.item() / 2 * qmax < max_abs  # and is the smallest that does
+
+
+@PROPERTY
+@given(
+    lo=st.floats(-1e3, 0.0, width=32), hi=st.floats(0.0, 1e3, width=32), bits=BITS, data=st.data()
+)
+def test_asymmetric_range_holds_zero_exactly_and_covers_the_range(lo, hi, bits, data):
+    qmin, qmax = scales.qrange(bits)
+    scale, zero_point = scales.asymmetric_qparams(torch.tensor(lo), torch.tensor(hi), qmin, qmax)
+    assert qmin <= zero_point.item() <= qmax
+    assert scales.quantize(torch.zeros(1), scale, zero_point, qmin, qmax).item() == zero_point.item()
+    ends = scales.dequantize(torch.tensor([float(qmin), float(qmax)]), scale, zero_point)
+    step = scale.item()
+    assert ends[0].item() <= lo + step and ends[1].item() >= hi - step  # within a step (zero point rounding)
+
+
+@PROPERTY
+@given(scale=st.one_of(POW2_SCALES, FREE_SCALES), bits=BITS, data=st.data())
+def test_quantize_matches_onnxruntime_bit_for_bit_including_ties(scale, bits, data):
+    qmin, qmax = scales.qrange(bits)
+    zero_point = data.draw(st.integers(qmin // 4, qmax // 4))
+    x = grid_values(data, scale, qmin, qmax, zero_point)
+    s = torch.tensor(scale, dtype=torch.float32)
+    q = scales.quantize(torch.from_numpy(x), s, torch.tensor(zero_point), qmin, qmax)
+    y = scales.dequantize(q, s, torch.tensor(zero_point))
+    ort_q, ort_y = ort_qdq(x, np.float32(scale), np.array(zero_point), bits)
+    assert np.array_equal(q.numpy().astype(np.int64), ort_q.astype(np.int64))
+    assert np.array_equal(y.numpy(), ort_y)

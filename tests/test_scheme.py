@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import edgequant as eq
 
@@ -30,8 +31,11 @@ def test_presets(name, bits, pow2, granularity, symmetric):
 
 
 def test_unknown_scheme_lists_valid_names():
-    with pytest.raises(ValueError, match="int8_pow2"):
+    with pytest.raises(ValueError, match="unknown scheme 'int7'") as info:
         eq.get_scheme("int7")
+    assert all(name in str(info.value) for name in eq.PRESETS)
+    with pytest.raises(ValueError, match="valid presets: int16, int16_pow2, int8, int8_pow2, int8_pow2_dw"):
+        eq.PTQModule(torch.nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 8, 8),), scheme="int8-pow2")
 
 
 def test_scheme_passthrough_and_replace():

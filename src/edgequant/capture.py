@@ -10,14 +10,20 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class CaptureError(RuntimeError):
     """torch.export could not turn the model into a graph."""
+
+
+# GraphModule.meta key: the qualified class name of the model that was captured.
+MODEL_CLASS_KEY = "edgequant_model_class"
 
 
 _HINTS = (
@@ -60,8 +66,26 @@ def check_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    # torch.export specialises size-1 dims, and BN in train mode rejects a batch of one.
+def check_input_dtypes(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Inputs must have the dtype of the model's weights (float64 data into a float32 model fails late)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for i, x in enumerate(example_inputs):
+        if x.dtype != dtype:
+            raise TypeError(
+                f"example_inputs[{i}] has dtype {x.dtype} but the model's weights are {dtype}; "
+                f"convert the inputs with .to({dtype})"
+            )
+
+
+def batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs, repeated to a batch of two if they have one sample.
+
+    torch.export specialises size-1 dims (a dynamic batch needs two), and BN in train
+    mode rejects a batch of one.
+    """
     return tuple(x if x.shape[0] >= 2 else x.repeat(2, *([1] * (x.dim() - 1))) for x in inputs)
 
 
@@ -106,23 +130,108 @@ def explain_export_failure(model: nn.Module, error: BaseException) -> str:
     return text
 
 
+def model_class(model: nn.Module) -> str:
+    """The user's model class; a graph captured before (QAT from PTQ) keeps its original class."""
+    if isinstance(model, torch.fx.GraphModule) and MODEL_CLASS_KEY in model.meta:
+        return model.meta[MODEL_CLASS_KEY]
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _shape_error(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the model cannot run on `inputs` eagerly at all (wrong shape, channels), if it cannot."""
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as error:
+        first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        return (
+            f"{type(model).__name__} does not run on example_inputs of shape {shapes}: {first[:300]}\n"
+            "Pass example inputs shaped like the real data (batch first), e.g. (torch.randn(2, 3, 224, 224),)."
+        )
+    return None
+
+
+# Layers whose train / eval behaviour the wrappers switch on the graph itself.
+SWITCHED_LAYERS = (_BatchNorm, nn.modules.dropout._DropoutNd)
+RANDOM_OPS = ("bernoulli", "rand", "randn", "randint", "randperm", "normal", "uniform", "multinomial")
+
+
+def _capture_mode(model: nn.Module) -> nn.Module:
+    """BN and dropout in train mode, every other module in eval mode.
+
+    One graph serves training and evaluation; the wrappers switch its BN and dropout
+    nodes. Any other `if self.training:` branch (stochastic depth, auxiliary heads)
+    is frozen at capture, and it must be the eval branch: a train branch would keep
+    dropping paths at random after `eval()` and in the exported model.
+    """
+    for module in model.modules():
+        module.training = isinstance(module, SWITCHED_LAYERS)
+    cumulative = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.momentum is None]
+    if cumulative:
+        # BN's cumulative average divides by its batch counter, a data-dependent value
+        # torch.export cannot trace; the graph updates with a fixed momentum instead.
+        for name in cumulative:
+            model.get_submodule(name).momentum = 0.1
+        warnings.warn(
+            f"BN layers with momentum=None (cumulative average) cannot be captured; {_names(cumulative)} "
+            "will update their running statistics with momentum 0.1 during QAT",
+            stacklevel=3,
+        )
+    return model
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(f"`{n}`" for n in names[:shown]) + more
+
+
+def warn_random_ops(graph: torch.fx.GraphModule) -> None:
+    """Random ops that no train / eval switch reaches would make eval and export non-deterministic."""
+    found = []
+    for node in graph.graph.nodes:
+        op = str(getattr(node.target, "_overloadpacket", node.target)).removeprefix("aten.")
+        if node.op == "call_function" and op.rstrip("_").removesuffix("_like") in RANDOM_OPS:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = list(stack.values())[-1][0] if stack else ""
+            found.append(f"aten.{op} in `{where or '<root>'}`")
+    if found:
+        warnings.warn(
+            f"the captured graph draws random numbers ({', '.join(sorted(set(found)))}) outside nn.Dropout; "
+            "they run in eval mode and in the exported model too. Make them depend on self.training or remove them.",
+            stacklevel=3,
+        )
+
+
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
-    """Export a copy of `model` (in train mode, batch dimension dynamic) to an ATen graph module."""
-    inputs = _batch_of_two(check_example_inputs(example_inputs))
+    """Export a copy of `model` (batch dimension dynamic) to an ATen graph module.
+
+    BN and dropout are captured in train mode for the wrappers to switch; the rest of
+    the model in eval mode (see `_capture_mode`).
+    """
+    inputs = batch_of_two(check_example_inputs(example_inputs))
+    check_input_dtypes(model, inputs)
+    name = model_class(model)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in inputs)
     # The exported graph would share parameters with the caller's model; QAT must not
     # train the user's float model in place.
-    model = copy.deepcopy(model).train()
+    model = _capture_mode(copy.deepcopy(model))
     try:
         program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
     except Exception as dynamic_error:
         try:
             torch.export.export(model, inputs)
         except Exception:
+            shape_error = _shape_error(model, inputs)
+            if shape_error:
+                raise ValueError(shape_error) from None
             raise CaptureError(explain_export_failure(model, dynamic_error)) from None
         raise CaptureError(
             explain_export_failure(model, dynamic_error)
             + "\nThe model exports at a fixed batch size only; wrapping needs any batch size to work."
         ) from None
-    return program.module()
+    graph = program.module()
+    graph.meta[MODEL_CLASS_KEY] = name
+    warn_random_ops(graph)
+    return graph

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
+from .files import atomic_path, check_writable
 from .parity import ParityError, ParityReport, compare, reexport, session
 from .scheme import Scheme
 from .tidl import write_deploy_files
@@ -54,12 +54,22 @@ def choose_opset(model: GraphModule, requested: int | None) -> int:
     return requested
 
 
-def _check_destination(path: Path) -> None:
-    parent = path.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: directory {parent} is not writable")
+def flatten_outputs(model: GraphModule) -> GraphModule:
+    """Make the graph return a flat tuple of tensors when it returns a dict or nested structure.
+
+    ONNX outputs are a flat list; segmentation models return {"out": ..., "aux": ...}.
+    The graph computes the flat leaves already; only the final regrouping is dropped.
+    """
+    codegen = model.graph._codegen  # torch.fx keeps the output structure in its (private) codegen
+    info = getattr(codegen, "pytree_info", None)
+    out_spec = getattr(info, "out_spec", None)
+    if out_spec is None or out_spec.is_leaf():
+        return model
+    if out_spec.type in (tuple, list) and all(child.is_leaf() for child in out_spec.children_specs):
+        return model
+    model.graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(info.orig_args, info.in_spec, None))
+    model.recompile()
+    return model
 
 
 def export_onnx(
@@ -77,28 +87,21 @@ def export_onnx(
     The file is written under a temporary name and renamed only after the parity
     check passes, so an interrupted or rejected export never clobbers a good file.
     """
-    path = Path(path)
-    _check_destination(path)
-    converted.eval()
+    path = check_writable(path)
     opset = choose_opset(converted, opset)
+    converted = flatten_outputs(converted.eval())
     program, reference = reexport(converted, tuple(example_inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx_program.save(tmp)
-        parity = compare(tmp, reference, tuple(example_inputs), session(tmp))
-    except ParityError as error:
-        # Keep the disagreeing file for inspection, under a name nobody deploys by accident.
-        rejected = path.with_name(f"{path.stem}.rejected.onnx")
-        os.replace(tmp, rejected)
-        raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx_program.save(str(tmp))
+        try:
+            parity = compare(str(tmp), reference, tuple(example_inputs), session(str(tmp)))
+        except ParityError as error:
+            # Keep the disagreeing file for inspection, under a name nobody deploys by accident.
+            rejected = path.with_name(f"{path.stem}.rejected.onnx")
+            os.replace(tmp, rejected)
+            raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
     options_path, tidl_path = write_deploy_files(path, scheme)
     return ExportResult(path, opset, parity, options_path, tidl_path)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
-from .batchnorm import WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training
+from .batchnorm import CONV_OPS, WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
@@ -91,7 +91,7 @@ class PTQModule(QuantWrapper):
         set_graph_training(self._float, dropout=False, batchnorm=False)
         self.model = self._prepare(self._float)
         self.register_buffer("calibrated_samples", torch.tensor(0, dtype=torch.int64))
-        self._quantized: GraphModule | None = None
+        self._set_quantized(None)
 
     @property
     def equalizes(self) -> bool:
@@ -115,6 +115,27 @@ class PTQModule(QuantWrapper):
                 module = self.model.get_submodule(node.target)
                 if isinstance(module, RangeObserver):
                     found.append(module)
+        return found
+
+    def _bias_correction_inputs(self) -> list[RangeObserver]:
+        """Activation observers whose channel means bias correction can use.
+
+        The mean is tracked along dim 1, which is the input channel of a conv and of a
+        linear layer on (N, C) data; a linear layer on (N, ..., C) data (channels last,
+        as in ConvNeXt or transformers) reads its channels from the last dim instead.
+        """
+        found = []
+        for node in self.model.graph.nodes:
+            if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) == "get_attr":
+                continue
+            module = self.model.get_submodule(node.target)
+            if not isinstance(module, RangeObserver):
+                continue
+            readers = [u for u in node.users if u.target in WEIGHTED_OPS and u.args[0] is node]
+            val = node.args[0].meta.get("val")
+            rank = val.dim() if isinstance(val, torch.Tensor) else None
+            if readers and all(u.target in CONV_OPS or rank == 2 for u in readers):
+                found.append(module)
         return found
 
     def observers(self) -> list[RangeObserver]:
@@ -167,7 +188,7 @@ class PTQModule(QuantWrapper):
         self.train()
         activations = self.activation_observers()
         if cfg.bias_correction:
-            for obs in activations:
+            for obs in self._bias_correction_inputs():
                 obs.track_channel_mean()
         self._run(batches, "calibrate ranges", progress)
         if cfg.range_estimator != "minmax":
@@ -179,15 +200,40 @@ class PTQModule(QuantWrapper):
             correct_biases(self.model)
         return self.eval()
 
+    def _set_quantized(self, model: GraphModule | None) -> None:
+        # A cache, not part of the module: kept out of state_dict(), children() and parameters().
+        self.__dict__["_quantized"] = model
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PTQModule:
+        self._set_quantized(None)  # .to(device) / .half(): rebuild the integer model from the moved graph
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load ranges and weights; a calibrated state puts the module in eval (quantized) mode.
+
+        In train mode every forward pass would widen the loaded ranges.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._set_quantized(None)
+        if int(self.calibrated_samples):
+            self.eval()
+        return result
+
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self._quantized = None
+            for i, x in enumerate(args):
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise ValueError(
+                        f"input {i} contains NaN or Inf; ranges would be ruined. Clean the data, or use "
+                        "calibrate(data, skip_nonfinite=True) to skip such batches"
+                    )
+            self._set_quantized(None)
             self.calibrated_samples += args[0].shape[0]
             return self.model(*args)
         if not int(self.calibrated_samples):
             raise RuntimeError("PTQModule has no ranges yet: call calibrate(data) (or run batches in train mode) first")
         if self._quantized is None:
-            self._quantized = self.convert()
+            self._set_quantized(self.convert())
         return self._quantized(*args)
 
     def float_model(self) -> GraphModule:

@@ -13,6 +13,8 @@ transition is a single Q/DQ pair and nothing is rounded twice.
 
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,7 @@ REQUANT_OPS = (
     aten.gelu.default,
     aten.upsample_bilinear2d.vec,
     aten.upsample_nearest2d.vec,
+    aten.batch_norm.default,  # a BN with no conv before it (pre-activation blocks): the engine's scale layer
     *FUSED_ACTIVATIONS,
 )
 # Ops whose output keeps the input's quantization (the values are a subset of the input's).
@@ -78,7 +81,52 @@ PASS_THROUGH_OPS = (
     aten.contiguous.default,
     *SHARED_OPS,
 )
+# Ops that move, select or reshape values without computing new ones: a float op
+# between Q/DQ pairs, but one that changes no value, so nothing to warn about.
+MOVEMENT_OPS = (
+    *PASS_THROUGH_OPS,
+    operator.getitem,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.narrow.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.expand.default,
+    aten.repeat.default,
+    aten.chunk.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.unflatten.int,
+    aten._unsafe_view.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.roll.default,
+    aten.pixel_shuffle.default,
+    aten.channel_shuffle.default,
+    aten.native_channel_shuffle.default,
+    aten.stack.default,
+)
 _BITS_KEY = "edgequant_bits"
+
+
+class UnquantizedOpsWarning(UserWarning):
+    """Some ops of the model have no quantization rule and stay in float.
+
+    `ops` maps each op name to the modules it runs in, for tools that tabulate them.
+    """
+
+    def __init__(self, ops: dict[str, list[str]]) -> None:
+        self.ops = ops
+        parts = [f"{op} x{len(where)} (e.g. in `{where[0]}`)" for op, where in sorted(ops.items(), key=_by_count)]
+        super().__init__(
+            "edgequant has no quantization rule for these ops; they stay in float between Q/DQ pairs "
+            "(the engine must run them in float): " + ", ".join(parts)
+        )
+
+
+def _by_count(item: tuple[str, list[str]]) -> tuple[int, str]:
+    return -len(item[1]), item[0]
 
 
 @dataclass(frozen=True)
@@ -123,6 +171,23 @@ def is_depthwise(node: Node) -> bool:
     groups = node.args[6] if len(node.args) > 6 else 1
     weight = node.args[1].meta.get("val")
     return groups > 1 and weight is not None and weight.shape[1] == 1
+
+
+def unquantized_ops(model: GraphModule) -> dict[str, list[str]]:
+    """Ops that compute in float, unannotated, by op name: the modules they come from.
+
+    The exported file keeps them as float ops between Q/DQ pairs; an engine must run
+    them in float (or they need a rule here).
+    """
+    found: dict[str, list[str]] = {}
+    for node in model.graph.nodes:
+        if node.op != "call_function" or _annotated(node) or node.target in MOVEMENT_OPS:
+            continue
+        if not _is_tensor(node) or not any(_is_tensor(a) for a in node.all_input_nodes):
+            continue  # constants, shapes, counters
+        name = str(getattr(node.target, "_overloadpacket", node.target))
+        found.setdefault(name, []).append(module_name(node) or "<root>")
+    return found
 
 
 def high_precision_layers(model: GraphModule, scheme: Scheme) -> set[Node]:
@@ -223,6 +288,9 @@ class EdgeQuantizer(Quantizer):
                 self._annotate_requant(node)
             elif node.target in SHARED_OPS:
                 self._annotate_shared(node)
+        found = unquantized_ops(model)
+        if found:
+            warnings.warn(UnquantizedOpsWarning(found), stacklevel=2)
         return model
 
     def validate(self, model: GraphModule) -> None:

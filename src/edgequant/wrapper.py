@@ -1,15 +1,21 @@
-"""What the PTQ and QAT wrappers share: scheme, example inputs, convert and export."""
+"""What the PTQ and QAT wrappers share: scheme, example inputs, checkpoints, convert and export."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .capture import MODEL_CLASS_KEY, batch_of_two
+from .checkpoint import check_metadata, check_state_dict, read_checkpoint, save_checkpoint
 from .convert import convert
 from .export import ExportResult, export_onnx
+from .files import check_writable
 from .scheme import Scheme, get_scheme
 
 
@@ -23,10 +29,32 @@ class QuantWrapper(nn.Module):
         self.scheme = get_scheme(scheme)
         self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
 
+    @property
+    def model_class(self) -> str:
+        """Qualified class name of the float model that was wrapped."""
+        return self.model.meta.get(MODEL_CLASS_KEY, "unknown")
+
     def _set_training_flags(self, mode: bool) -> None:
         # torchao's prepared graphs refuse nn.Module.train(); set the flags directly.
         for module in self.modules():
             module.training = mode
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As nn.Module's, but a misfit (strict) names every missing, unexpected and mis-shaped key."""
+        if strict:
+            check_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint (state_dict, scheme, model class, edgequant version), atomically."""
+        return save_checkpoint(self, path, self.scheme, self.model_class)
+
+    def load(self, path: str | os.PathLike) -> Self:
+        """Load a checkpoint written by `save()` into this wrapper, refusing one made for another scheme or model."""
+        payload = read_checkpoint(path)
+        check_metadata(payload, self, self.scheme, self.model_class)
+        self.load_state_dict(payload["state_dict"])
+        return self
 
     def convert(self) -> GraphModule:
         """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
@@ -34,4 +62,5 @@ class QuantWrapper(nn.Module):
 
     def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
         """Write QDQ ONNX (plus TIDL files) after checking it in onnxruntime against `convert()`."""
-        return export_onnx(self.convert(), self.example_inputs, path, self.scheme, opset)
+        check_writable(path)  # before the conversion, which takes a while on large models
+        return export_onnx(self.convert(), batch_of_two(self.example_inputs), path, self.scheme, opset)

@@ -1,0 +1,153 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import edgequant as eq
+from edgequant.checkpoint import CheckpointError
+
+
+def _net(classes: int = 4, bn: bool = True) -> nn.Module:
+    """A small conv net; without BN, QAT wrapping skips torchao's slow conv+BN pattern search."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8) if bn else nn.Identity(),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(8, 3, 8, 8)
+
+
+def _trained_qat(x: torch.Tensor, scheme: str = "int8_pow2") -> eq.QATModule:
+    qmodel = eq.QATModule(_net(), (x,), scheme, total_epochs=4)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05)
+    qmodel.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        qmodel(x).square().mean().backward()
+        optimizer.step()
+    qmodel.eval()
+    qmodel.train()  # a second epoch starts: the epoch counter must survive the round trip
+    qmodel(x).sum().backward()
+    return qmodel.eval()
+
+
+def test_qat_checkpoint_round_trip_restores_outputs_and_epoch(x, tmp_path):
+    qmodel = _trained_qat(x)
+    path = qmodel.save(tmp_path / "qat.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["scheme"]["name"] == "int8_pow2" and payload["wrapper"] == "QATModule"
+    assert payload["model_class"] == "torch.nn.modules.container.Sequential"
+    fresh = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4).load(path).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), qmodel(x))
+    assert fresh.epoch == qmodel.epoch == 1
+    assert os.listdir(tmp_path) == ["qat.pt"]  # no temporary file left
+
+
+def test_ptq_checkpoint_round_trip_is_calibrated_and_in_eval(x, tmp_path):
+    ptq = eq.PTQModule(_net(), (x,)).calibrate([x, 0.5 * x], progress=False)
+    with torch.no_grad():
+        expected = ptq(x)  # also fills the cached integer model, which must not be saved
+    ptq.save(tmp_path / "ptq.pt")
+    fresh = eq.PTQModule(_net(), (x,)).load(tmp_path / "ptq.pt")
+    assert not fresh.training  # a calibrated module quantizes; train mode would widen its ranges
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+@pytest.fixture(scope="module")
+def ptq_checkpoint(x, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ptq") / "p.pt"
+    return eq.PTQModule(_net(), (x,)).calibrate([x], progress=False).save(path)
+
+
+def test_loading_into_another_scheme_names_both_schemes(x, ptq_checkpoint):
+    with pytest.raises(CheckpointError, match=r"scheme 'int8_pow2', this wrapper uses 'int8'.*power_of_2=True"):
+        eq.PTQModule(_net(), (x,), "int8").load(ptq_checkpoint)
+
+
+def test_loading_into_another_wrapper_or_architecture_says_so(x, ptq_checkpoint):
+    path = ptq_checkpoint
+    with pytest.raises(CheckpointError, match=r"saved from a PTQModule, not a QATModule.*from_ptq"):
+        eq.QATModule(_net(bn=False), (x,)).load(path)
+
+    class Other(nn.Sequential):
+        pass
+
+    with pytest.raises(CheckpointError, match=r"model class torch\.nn\.modules\.container\.Sequential.*architecture"):
+        eq.PTQModule(Other(*_net()), (x,)).load(path)
+
+
+def test_state_dict_of_another_architecture_lists_the_keys(x):
+    state = eq.QATModule(_net(classes=4, bn=False), (x,)).state_dict()
+    with pytest.raises(CheckpointError) as info:
+        eq.QATModule(_net(classes=5, bn=False), (x,)).load_state_dict(state)
+    text = str(info.value)
+    assert "different architecture or scheme" in text
+    assert "model.7.weight: checkpoint (4, 8) vs this model (5, 8)" in text
+
+    shallow = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with pytest.raises(CheckpointError) as info:
+        eq.QATModule(shallow, (x,)).load_state_dict(state)
+    text = str(info.value)
+    assert "unexpected keys" in text and "model.7.weight" in text
+
+
+def test_state_dict_of_another_scheme_is_caught_by_range_shapes(x):
+    per_channel = eq.QATModule(_net(bn=False), (x,), "int8").state_dict()
+    with pytest.raises(CheckpointError, match="per-channel range of 8 vs a per-tensor quantizer"):
+        eq.QATModule(_net(bn=False), (x,), "int8_pow2").load_state_dict(per_channel)
+    per_tensor = eq.PTQModule(_net(), (x,), "int8_pow2").calibrate([x], progress=False).state_dict()
+    with pytest.raises(CheckpointError, match="per-tensor range vs a per-channel quantizer"):
+        eq.PTQModule(_net(), (x,), "int8").load_state_dict(per_tensor)
+
+
+def test_non_strict_load_still_works_for_partial_state(x):
+    qmodel = eq.QATModule(_net(bn=False), (x,))
+    partial = {"model.0.weight": torch.randn(8, 3, 3, 3)}
+    result = qmodel.load_state_dict(partial, strict=False)
+    assert "qat_state" in result.missing_keys
+    assert torch.equal(qmodel.model.get_parameter("0.weight"), partial["model.0.weight"])
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(x, tmp_path, monkeypatch):
+    qmodel = eq.PTQModule(_net(), (x,)).calibrate([x], progress=False)
+    path = qmodel.save(tmp_path / "q.pt")
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        qmodel.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["q.pt"]
+
+
+def test_unreadable_or_foreign_files_are_refused(x, tmp_path):
+    qmodel = eq.PTQModule(_net(), (x,))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        qmodel.load(garbage)
+    plain = tmp_path / "plain.pt"
+    torch.save(qmodel.state_dict(), plain)
+    with pytest.raises(CheckpointError, match=r"not an edgequant checkpoint.*load_state_dict"):
+        qmodel.load(plain)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        qmodel.load(tmp_path / "missing.pt")

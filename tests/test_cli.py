@@ -1,0 +1,398 @@
+"""The command line: a few real subprocesses for the happy paths, error paths in-process via main(argv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from edgequant import cli, demo
+from edgequant.cli import build_parser, main
+from edgequant.loading import digits_data
+from edgequant.training import accuracy, train_epochs
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "tests.test_cli:small_cnn"
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    """A model from "the user's own code", small enough that every command runs in seconds."""
+    torch.manual_seed(0)
+
+    def unit(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *unit(3, 8, 2),
+        *unit(8, 16, 2),
+        *unit(16, 32, 2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def conv_without_bn() -> nn.Module:
+    """Breaks one guideline on purpose: module "0" is a conv without BN."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """small_cnn trained for one epoch on the digits (about 90% top-1), saved as a state_dict."""
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    train_epochs(model, digits_data("train", batch_size=32).loader, 1, optimizer)
+    path = tmp_path_factory.mktemp("weights") / "small_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgequant.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def onnx_top1(path: Path, data) -> float:
+    """Top-1 % of an ONNX file in onnxruntime, computed here rather than by edgequant."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for x, y in data.loader:
+        logits = sess.run(None, {name: x.numpy()})[0]
+        correct += int((np.argmax(logits, 1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def trained_small_cnn(weights: Path) -> nn.Module:
+    model = small_cnn()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+# ---- subprocesses: one per command
+
+
+def test_ptq_subprocess_writes_a_model_that_scores_what_it_reports(weights, tmp_path):
+    out = tmp_path / "small.onnx"
+    args = ["ptq", SPEC, "--weights", str(weights), "--data", "digits", "--calib-samples", "64", "--limit", "120"]
+    proc = run_cli(*args, "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["onnx"] == str(out) and out.is_file()
+    assert json.loads(Path(result["options"]).read_text())["tensor_bits"] == 8
+    assert (result["calibration_samples"], result["evaluation_samples"]) == (64, 120)
+    evaluation = digits_data("test", limit=120)
+    assert result["top1"]["float"] == pytest.approx(accuracy(trained_small_cnn(weights), evaluation.loader))
+    # int8_pow2 is bit-exact in onnxruntime, so the file scores exactly what the integer model scored.
+    assert result["top1"]["quantized"] == pytest.approx(onnx_top1(out, evaluation))
+    assert result["top1"]["quantized"] > 50
+
+
+def test_qat_subprocess_trains_and_exports(weights, tmp_path):
+    out = tmp_path / "qat.onnx"
+    args = ["qat", SPEC, "--weights", str(weights), "--data", "digits", "--epochs", "2", "--lr", "1e-3"]
+    proc = run_cli(*args, "--limit", "128", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and out.with_name("qat.options.json").is_file()
+    lines = proc.stdout.splitlines()
+    row = next(line for line in lines if line.strip().startswith("QAT int8_pow2"))
+    reported = float(row.split()[-2])
+    assert reported == pytest.approx(onnx_top1(out, digits_data("test", limit=128)), abs=0.005)
+    assert any("2 epochs, SGD lr 0.001, momentum 0.9, weight decay 0.0001" in line for line in lines)
+
+
+def test_demo_runs_the_demo_with_its_options(monkeypatch, capsys, tmp_path):
+    # The demo itself is `make demo` (minutes of training); here: the command reaches it with the options given.
+    calls = []
+
+    def run(model_name: str, qat_epochs: int, lr: float, out_dir: Path) -> dict[str, float]:
+        print("demo output")
+        calls.append((model_name, qat_epochs, lr, out_dir))
+        return {"float": 99.0, "onnxruntime": 98.5}
+
+    monkeypatch.setattr("edgequant.demo.run", run)
+    assert main(["demo", "--model", "mobilenet_v2", "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path)]) == 0
+    assert calls == [("mobilenet_v2", 2, 1e-3, tmp_path)]
+    assert capsys.readouterr().out == "demo output\n"
+    assert main(["demo", "--json"]) == 0
+    captured = capsys.readouterr()
+    demo.main([])  # `make demo`: the same defaults as `edgequant demo`
+    assert calls[-1] == calls[-2]
+    assert json.loads(captured.out) == {"float": 99.0, "onnxruntime": 98.5}
+    assert captured.err == "demo output\n"  # stdout carries only the JSON
+
+
+def test_check_subprocess_reports_the_guideline_findings():
+    proc = run_cli("check", "tests.test_cli:conv_without_bn", "--input-size", "32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    findings = json.loads(proc.stdout)["findings"]
+    assert [f["subject"] for f in findings if f["code"] == "conv-without-bn"] == [["0"]]
+    assert "no --weights: checking the architecture" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def outlier_weights(weights, tmp_path_factory) -> Path:
+    """The trained small_cnn with one huge weight in its last layer, on a feature that is zero on the data.
+
+    The float model computes the same; with one int8 scale for the whole layer most of
+    its other weights round to zero, so 8 bit departs from float while 16 bit does not.
+    """
+    model = trained_small_cnn(weights)
+    fc = model[11]
+    with torch.no_grad():
+        features = model[:11](digits_data("train", limit=64).loader.dataset[:][0])
+        quietest = int(features.mean(0).argmin())
+        fc.weight[0, quietest] = 40 * fc.weight.abs().max()
+    path = tmp_path_factory.mktemp("outlier") / "outlier.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_analyze_subprocess_recommends_the_layer_and_its_ptq_command_works(outlier_weights, tmp_path, capsys):
+    html = tmp_path / "report.html"
+    small = ["--calib-samples", "64", "--limit", "120"]
+    proc = run_cli("analyze", SPEC, "--weights", str(outlier_weights), "--data", "digits", *small, "--html", str(html))
+    assert proc.returncode == 0, proc.stderr
+    assert "16-bit close to float, 8-bit is not" in proc.stdout
+    assert "<svg" in html.read_text()
+    lines = proc.stdout.splitlines()
+    suggested = lines[lines.index("to export with these layers in 16 bit:") + 1]
+    words = shlex.split(suggested)
+    assert words[words.index("--high-precision") + 1] == "11"  # the layer with the outlier
+
+    out = tmp_path / "mixed.onnx"
+    assert main([*words[1:], *small, "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scheme"] == "int8_pow2+16bit" and out.is_file()
+    assert abs(result["top1"]["quantized"] - result["top1"]["float"]) <= 1.0
+
+
+def test_analyze_json(weights, capsys):
+    args = ["analyze", SPEC, "--weights", str(weights), "--data", "digits", "--calib-samples", "64", "--limit", "120"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert (report["calibration_samples"], report["eval_samples"]) == (64, 120)
+    float_top1 = accuracy(trained_small_cnn(weights), digits_data("test", limit=120).loader)
+    assert report["float_accuracy"] == pytest.approx(float_top1)
+
+
+def test_errors_in_a_subprocess_are_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgequant",
+            "ptq",
+            SPEC,
+            "--weights",
+            str(tmp_path / "w.pt"),
+            "--data",
+            "digits",
+            "-o",
+            "m.onnx",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == f"edgequant ptq: error: weights file {tmp_path / 'w.pt'} does not exist"
+
+
+def test_ptq_on_an_image_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("ants", "bees"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    torch.save(small_cnn(num_classes=2).state_dict(), tmp_path / "two.pt")
+    args = ["ptq", SPEC, "--num-classes", "2", "--weights", str(tmp_path / "two.pt"), "--data", str(tmp_path / "data")]
+    assert main([*args, "--input-size", "32", "--batch-size", "4", "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert (result["calibration_samples"], result["evaluation_samples"]) == (8, 8)
+    assert f"note: evaluating on {tmp_path / 'data'} itself; pass --eval-data" in captured.err
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [3, 32, 32]
+
+
+# ---- in-process: help, entry point, error paths
+
+
+def test_console_script_points_at_main():
+    (script,) = entry_points(group="console_scripts", name="edgequant")
+    assert script.value == "edgequant.cli:main"
+
+
+@pytest.mark.parametrize("command", ["demo", "check", "analyze", "ptq", "qat"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: edgequant {command}" in text
+    assert f"examples:\n  edgequant {command}" in text
+
+
+def test_every_example_in_the_help_parses():
+    parser = build_parser()
+    for epilog in cli.EPILOGS.values():
+        for line in epilog.replace("\\\n", "").splitlines():
+            if line.strip().startswith("edgequant "):
+                words = shlex.split(line.split(">")[0], comments=True)[1:]
+                parser.parse_args(words)  # raises SystemExit on a broken example
+
+
+def fails(argv: list[str], capsys) -> str:
+    """Run main in-process, expect exit code 1, and return the one error line (notes may precede it)."""
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    *notes, error = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err, captured.err
+    assert all(line.startswith("edgequant: note: ") for line in notes), captured.err
+    assert error.startswith(f"edgequant {argv[0]}: error: ")
+    return error
+
+
+def test_missing_files(weights, tmp_path, capsys):
+    out = ["-o", str(tmp_path / "m.onnx")]
+    line = fails(["ptq", SPEC, "--weights", "nope.pt", "--data", "digits", *out], capsys)
+    assert line == "edgequant ptq: error: weights file nope.pt does not exist"
+    line = fails(["ptq", SPEC, "--weights", str(weights), "--data", str(tmp_path / "no_data"), *out], capsys)
+    assert line == f"edgequant ptq: error: data folder {tmp_path / 'no_data'} does not exist"
+    target = tmp_path / "no_dir" / "m.onnx"
+    line = fails(["ptq", SPEC, "--weights", str(weights), "--data", "digits", "-o", str(target)], capsys)
+    assert (
+        line
+        == f"edgequant ptq: error: cannot write {target}: directory {target.parent} does not exist; create it first"
+    )
+
+
+def test_unresolvable_model_specs(tmp_path, capsys):
+    out = ["--data", "digits", "--weights", "w.pt", "-o", str(tmp_path / "m.onnx")]
+    line = fails(["ptq", "torchvision:resnet19", *out], capsys)
+    assert line.startswith("edgequant ptq: error: torchvision has no model 'resnet19'; did you mean resnet18")
+    line = fails(["qat", "no_such_package.nets:build", *out], capsys)
+    assert "cannot import module 'no_such_package.nets'" in line
+    line = fails(["ptq", "tests.test_cli:no_such_factory", *out], capsys)
+    assert "module 'tests.test_cli' has no attribute 'no_such_factory'" in line
+
+
+def test_mismatched_checkpoint_lists_keys(weights, tmp_path, capsys):
+    out = ["--data", "digits", "-o", str(tmp_path / "m.onnx")]
+    line = fails(["ptq", "torchvision:resnet18", "--weights", str(weights), *out], capsys)
+    assert "does not match the model; missing: conv1.weight, bn1.weight" in line
+    assert "unexpected: 0.weight, 1.weight, 1.bias" in line
+    torch.save(small_cnn(num_classes=10).state_dict(), tmp_path / "ten.pt")
+    line = fails(["ptq", SPEC, "--num-classes", "4", "--weights", str(tmp_path / "ten.pt"), *out], capsys)
+    assert "shape mismatch: 11.weight (checkpoint [10, 512], model [4, 512]), 11.bias" in line
+
+
+def test_empty_data_folder(weights, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    args = ["analyze", SPEC, "--weights", str(weights), "--data", str(tmp_path / "data")]
+    line = fails(args, capsys)
+    assert line.startswith(f"edgequant analyze: error: data folder {tmp_path / 'data'} has no class folders")
+    (tmp_path / "data" / "cat").mkdir()
+    line = fails([*args[:-1], str(tmp_path / "data")], capsys)
+    assert "has class folders (cat) but no images" in line
+
+
+def test_weights_are_required_except_for_digits_with_torchvision(tmp_path, capsys, monkeypatch):
+    line = fails(["ptq", SPEC, "--data", "digits", "-o", str(tmp_path / "m.onnx")], capsys)
+    assert "--weights is required for `ptq`" in line
+
+    built = []
+
+    def cached_digits_model(name: str) -> nn.Module:
+        built.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "float_digits_model", cached_digits_model)
+    assert main(["ptq", "torchvision:resnet18", "--data", "digits", "-o", str(tmp_path / "m.onnx")]) == 1
+    assert built == ["resnet18"]
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("edgequant: note: no --weights: using resnet18 trained on the digits")
+    assert error == "edgequant ptq: error: stop here (RuntimeError; rerun with --debug for the traceback)"
+
+
+def test_model_and_data_class_counts_must_agree(weights, tmp_path, capsys):
+    torch.save(small_cnn(num_classes=4).state_dict(), tmp_path / "four.pt")
+    args = ["ptq", SPEC, "--num-classes", "4", "--weights", str(tmp_path / "four.pt"), "--data", "digits"]
+    line = fails([*args, "-o", str(tmp_path / "m.onnx")], capsys)
+    assert "the model predicts 4 classes but digits test split (360 images, 10 classes) has 10" in line
+
+
+def test_analyze_suggests_a_ptq_command_that_parses():
+    parser = build_parser()
+    given = [
+        "--weights",
+        "my w.pt",
+        "--data",
+        "calib",
+        "--eval-data",
+        "val",
+        "--input-size",
+        "48",
+        "--mean",
+        "0.5,0.5,0.5",
+    ]
+    args = parser.parse_args(["analyze", SPEC, *given])
+    line = cli._ptq_command(args, ["0", "11"])
+    ptq = parser.parse_args(shlex.split(line)[1:])
+    assert (ptq.command, ptq.model, ptq.weights, ptq.data, ptq.eval_data) == ("ptq", SPEC, "my w.pt", "calib", "val")
+    assert (ptq.input_size, ptq.mean, ptq.std) == (48, (0.5, 0.5, 0.5), None)
+    assert (ptq.scheme, ptq.high_precision) == ("int8_pow2", "0,11")
+
+
+def test_a_model_built_for_other_inputs(capsys):
+    line = fails(["check", SPEC, "--channels", "1", "--input-size", "32"], capsys)
+    assert line.startswith(f"edgequant check: error: {SPEC} does not run on 1x32x32 inputs (")
+    assert line.endswith("set --input-size (and --channels for `check`) to what the model was built for")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"weights file nope\.pt"):
+        main(["ptq", SPEC, "--weights", "nope.pt", "--data", "digits", "-o", str(tmp_path / "m.onnx"), "--debug"])
+
+
+def test_usage_errors_exit_with_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ptq", SPEC, "--data", "digits", "--scheme", "int4", "-o", "m.onnx"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", SPEC, "--data", "digits", "--scheme", "int16"])  # analyze compares 8-bit with 16-bit
+    assert exit_info.value.code == 2
