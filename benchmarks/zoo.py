@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COVERAGE = ROOT / "docs" / "coverage.md"
 SIZES = (32, 64, 96, 128, 160, 224, 299)
 EDGEQUANT = str(ROOT / "src" / "edgequant")
-# Calibration: two batches of 8 images; parity: 16 other images.
-CALIBRATION_BATCHES, BATCH, EXAMPLES = 2, 8, 16
+# Calibration: two batches of 8 images; parity: 16 other images (4 for inputs over 64x64, to bound memory).
+CALIBRATION_BATCHES, BATCH, EXAMPLES, LARGE_INPUT_EXAMPLES = 2, 8, 16, 4
 
 
 def all_models() -> list[str]:
@@ -122,7 +122,7 @@ def run_one(name: str, scheme: str, status: Path) -> None:
         images = digits_tensors("train", size=size)[0]
         batches = [images[i * BATCH : (i + 1) * BATCH] for i in range(CALIBRATION_BATCHES)]
         warm_bn(model, batches)
-        example = (images[-EXAMPLES:],)
+        example = (images[-(EXAMPLES if size <= 64 else LARGE_INPUT_EXAMPLES) :],)
         mark("torch.export")
         torch.export.export(model.eval(), example)
         mark("wrap")
