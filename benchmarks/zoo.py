@@ -9,8 +9,8 @@ image size), and taken through: plain torch.export (the baseline: a model that f
 here is torch.export's limit, not ours), PTQ wrap, calibration on digits images,
 convert, and the QDQ ONNX export with its onnxruntime parity check. Each model runs
 in its own process under a time and memory limit, so a hang or a crash costs one row;
-results are saved after every model, and `--update` merges a rerun of some models
-into the saved results.
+results are saved after every model, `--update` merges a rerun of some models into
+the saved results, and `--render` rewrites the docs page from them.
 
 Writes benchmarks/results/zoo.json and docs/coverage.md.
 """
@@ -209,6 +209,14 @@ def reason_note(row: dict) -> str:
     return f"edgequant bug: the model exports with torch.export but the chain fails at `{stage}`; see the reason."
 
 
+def _largest(rows: list[dict]) -> str:
+    big = max((r for r in rows if r["ok"]), key=lambda r: r.get("params_m", 0))
+    return (
+        f"- largest model that passed: {big['model']} ({big.get('params_m')} M parameters, "
+        f"peak {big.get('peak_rss_gb', '?')} GB resident)"
+    )
+
+
 def write_coverage(rows: list[dict], command: str, date: str) -> None:
     passed = sum(r["ok"] for r in rows)
     missing = sorted(set(all_models()) - {r["model"] for r in rows})
@@ -235,6 +243,7 @@ def write_coverage(rows: list[dict], command: str, date: str) -> None:
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}",
         f"- passed: {passed} of {len(rows)} models; {passed} of {len(exportable)} that torch.export captures",
         *([f"- not run: {', '.join(missing)}"] if missing else []),
+        *([_largest(rows)] if any(r["ok"] for r in rows) else []),
         "",
         table(
             ["model", "input", "params (M)", "result", "stage", "seconds", "ops left in float"],
@@ -254,7 +263,7 @@ def write_coverage(rows: list[dict], command: str, date: str) -> None:
                 f"### {r['model']}",
                 "",
                 f"- stage: {r['stage']}",
-                f"- reason: `{r.get('error', '')}`",
+                f"- reason: `` {r.get('error', '')} ``",
                 f"- what would fix it: {reason_note(r)}",
                 "",
             ]
@@ -278,6 +287,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--memory-gb", type=float, default=10.0, help="address-space limit per model")
     parser.add_argument("--update", action="store_true", help="merge these rows into the existing results")
+    parser.add_argument("--render", action="store_true", help="only rewrite docs/coverage.md from the saved results")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--status", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -285,6 +295,10 @@ def main() -> None:
         limit = int(args.memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         run_one(args.one, args.scheme, args.status)
+        return
+    if args.render:
+        saved = json.loads((RESULTS / "zoo.json").read_text())
+        write_coverage(saved["rows"], saved["command"], saved["date"])
         return
     names = args.models or all_models()
     unknown = sorted(set(names) - set(all_models()))
