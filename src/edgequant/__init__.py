@@ -10,11 +10,13 @@ import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_de
 
 from .analysis import AnalysisReport, analyze  # noqa: E402
 from .capture import CaptureError  # noqa: E402
+from .checkpoint import CheckpointError  # noqa: E402
 from .export import ExportResult  # noqa: E402
 from .guidelines import Finding, check  # noqa: E402
 from .parity import ParityError, ParityReport  # noqa: E402
 from .ptq import PTQConfig, PTQModule  # noqa: E402
 from .qat import QATModule  # noqa: E402
+from .quantizer import UnquantizedOpsWarning  # noqa: E402
 from .schedule import FreezeSchedule  # noqa: E402
 from .scheme import PRESETS, Scheme, get_scheme  # noqa: E402
 
@@ -22,6 +24,7 @@ __all__ = [
     "PRESETS",
     "AnalysisReport",
     "CaptureError",
+    "CheckpointError",
     "ExportResult",
     "Finding",
     "FreezeSchedule",
@@ -31,6 +34,7 @@ __all__ = [
     "ParityReport",
     "QATModule",
     "Scheme",
+    "UnquantizedOpsWarning",
     "analyze",
     "check",
     "get_scheme",
