@@ -18,15 +18,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Step times of several variants, run in turn: variant A, B, C, then A, B, C again ...
+
+    On a shared machine the load changes over seconds; interleaving exposes every
+    variant to the same load, so ratios taken round by round stay meaningful.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median of the per-round ratios of two interleaved timing series."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

@@ -109,9 +109,7 @@ def run_model(name: str, calib, example: torch.Tensor, test, work: Path) -> dict
         "torchao per-tensor": lambda p: torchao_pt2e(model, False, calib, example, p),
         "torchao per-channel": lambda p: torchao_pt2e(model, True, calib, example, p),
         "ort MinMax": lambda p: ort_static(float_path, ortq.CalibrationMethod.MinMax, calib, p, export_seconds),
-        "ort Percentile": lambda p: ort_static(
-            float_path, ortq.CalibrationMethod.Percentile, calib, p, export_seconds
-        ),
+        "ort Percentile": lambda p: ort_static(float_path, ortq.CalibrationMethod.Percentile, calib, p, export_seconds),
     }
     for label, run in runs.items():
         path = work / f"{name}_{label.replace(' ', '_')}.onnx"

@@ -1,19 +1,21 @@
 """QAT training-step cost relative to the float step, ours vs torchao's PT2E peer.
 
-    python benchmarks/qat_overhead.py [--repeats 15]
+    python benchmarks/qat_overhead.py [--repeats 25]
 
-Batch 64 of 3x32x32, SGD with momentum; each number is the median step time of
-`--repeats` steps after warm-up, and all three variants of a model run in the same
-process so that their ratio is meaningful on a noisy machine.
+Batch 64 of 3x32x32, SGD with momentum. The three variants of a model (float,
+edgequant QAT, torchao PT2E QAT) run in the same process, one step each in turn for
+`--repeats` rounds after warm-up; each ratio is the median over rounds of the
+step-time ratio within a round, so load changes on a shared machine hit all three alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
-from _common import median_time, save, table
+from _common import interleaved_times, median_ratio, save, table
 from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
@@ -45,7 +47,7 @@ def torchao_peer(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -56,20 +58,24 @@ def main() -> None:
         float_model = build_model(name).train()
         ours = eq.QATModule(build_model(name), (x[:8],), "int8_pow2").train()
         peer = torchao_peer(build_model(name), x)
-        t_float = median_time(step_fn(float_model, x, y), args.repeats)
-        t_ours = median_time(step_fn(ours, x, y), args.repeats)
-        t_peer = median_time(step_fn(peer, x, y), args.repeats)
+        times = interleaved_times(
+            {"float": step_fn(float_model, x, y), "ours": step_fn(ours, x, y), "peer": step_fn(peer, x, y)},
+            args.repeats,
+        )
+        t_float, t_ours, t_peer = (statistics.median(times[k]) for k in ("float", "ours", "peer"))
+        ours_ratio = median_ratio(times["ours"], times["float"])
+        peer_ratio = median_ratio(times["peer"], times["float"])
         rows.append(
             {
                 "model": name,
                 "float_step_ms": 1e3 * t_float,
                 "edgequant_step_ms": 1e3 * t_ours,
                 "torchao_xnnpack_step_ms": 1e3 * t_peer,
-                "edgequant_ratio": t_ours / t_float,
-                "torchao_ratio": t_peer / t_float,
+                "edgequant_ratio": ours_ratio,
+                "torchao_ratio": peer_ratio,
             }
         )
-        print(f"{name}: float {1e3 * t_float:.0f} ms, ours {t_ours / t_float:.2f}x, torchao {t_peer / t_float:.2f}x")
+        print(f"{name}: float {1e3 * t_float:.0f} ms, ours {ours_ratio:.2f}x, torchao {peer_ratio:.2f}x")
     headers = ["model", "float step ms", "edgequant / float", "torchao PT2E / float"]
     print()
     print(table(headers, [[r["model"], r["float_step_ms"], r["edgequant_ratio"], r["torchao_ratio"]] for r in rows]))

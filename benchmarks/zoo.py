@@ -248,8 +248,15 @@ def write_coverage(rows: list[dict], command: str, date: str) -> None:
         table(
             ["model", "input", "params (M)", "result", "stage", "seconds", "ops left in float"],
             [
-                [r["model"], r.get("input", "-"), r.get("params_m", "-"), "pass" if r["ok"] else "FAIL",
-                 r["stage"] if not r["ok"] else "-", r.get("seconds", "-"), ", ".join(r.get("float_ops", {}))]
+                [
+                    r["model"],
+                    r.get("input", "-"),
+                    r.get("params_m", "-"),
+                    "pass" if r["ok"] else "FAIL",
+                    r["stage"] if not r["ok"] else "-",
+                    r.get("seconds", "-"),
+                    ", ".join(r.get("float_ops", {})),
+                ]
                 for r in rows
             ],
         ),
@@ -321,9 +328,12 @@ def main() -> None:
         ordered = [merged[n] for n in all_models() if n in merged]
         path = save("zoo", command, ordered)  # after every model: an interrupted run keeps what it measured
         write_coverage(ordered, command, json.loads(path.read_text())["date"])
-    print(table(["model", "result", "stage", "error"], [
-        [r["model"], "pass" if r["ok"] else "FAIL", r["stage"], r.get("error", "")[:80]] for r in rows.values()
-    ]))
+    print(
+        table(
+            ["model", "result", "stage", "error"],
+            [[r["model"], "pass" if r["ok"] else "FAIL", r["stage"], r.get("error", "")[:80]] for r in rows.values()],
+        )
+    )
     print(f"results: {RESULTS / 'zoo.json'}, {COVERAGE.relative_to(ROOT)}")
 
 

@@ -1,12 +1,17 @@
-"""Shared fixtures: digits batches, small torchvision models, ONNX inspection helpers."""
+"""Shared fixtures: digits batches, small torchvision models, ONNX inspection helpers, Q/DQ in onnxruntime."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
+from hypothesis import settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.data import digits_tensors
 from edgequant.training import build_model, float_digits_model
@@ -77,3 +82,40 @@ def qdq_nodes(path) -> list[tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
             zero_point = values[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int8)
             found.append((node, scale, zero_point))
     return found
+
+
+# Property tests of the quantization arithmetic (hypothesis), against onnxruntime.
+
+PROPERTY = settings(max_examples=60, deadline=None)
+# Offsets from an integer grid point, in steps: exact ties, near-ties and plain values.
+OFFSETS = st.sampled_from([0.0, 0.5, -0.5, 0.25, -0.75, 0.4999999, 0.5000001])
+
+
+@cache
+def _qdq_session(bits: int, axis: int | None) -> ort.InferenceSession:
+    """QuantizeLinear -> DequantizeLinear with scale and zero point fed at run time."""
+    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT16
+    attrs = {} if axis is None else {"axis": axis}
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs),
+        ],
+        "qdq",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("z", qtype, None),
+        ],
+        [helper.make_tensor_value_info("q", qtype, None), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def ort_qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, axis: int | None = None):
+    """(integers, dequantized values) as onnxruntime computes them."""
+    dtype = np.int8 if bits == 8 else np.int16
+    feed = {"x": x.astype(np.float32), "s": np.asarray(scale, np.float32), "z": np.asarray(zero_point, dtype)}
+    return _qdq_session(bits, axis).run(None, feed)

@@ -1,6 +1,7 @@
 import math
 import operator
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,3 +68,34 @@ def test_int16_bias_that_would_overflow_int32_gets_a_larger_pow2_scale():
     assert int(q_bias.abs().max()) <= 2**31 - 1
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), atol=1e-2, rtol=1e-3)
+
+
+class Normed(nn.Module):
+    """A layer norm keeps float weights in the converted model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
+def test_convert_leaves_the_training_graph_alone_and_shares_no_tensor_with_it():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    q = QATModule(Normed(), (x,)).eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    converted = q.convert()
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ours = {t.untyped_storage().data_ptr() for t in [*converted.parameters(), *converted.buffers()]}
+    theirs = {t.untyped_storage().data_ptr() for t in [*q.parameters(), *q.buffers()]}
+    assert not ours & theirs
+    expected = converted(x)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(1.0)  # training goes on after the convert
+    assert torch.equal(converted(x), expected)

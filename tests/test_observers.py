@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 from edgequant import scales
 from edgequant.observers import FakeQuantize, RangeObserver
 
-from .test_scales import OFFSETS, PROPERTY, ort_qdq
+from .conftest import OFFSETS, PROPERTY, ort_qdq
 
 
 def test_minmax_observer_keeps_extremes_and_pow2_scale():
@@ -60,7 +60,7 @@ def test_bn_factor_path_equals_quantizing_the_folded_weight():
     s = torch.tensor([0.5, -2.0, 1.5, 3.0, -0.25, 1.0])
     fq = FakeQuantize(observer=RangeObserver, dtype=torch.int8, quant_min=-128, quant_max=127, averaging_constant=1.0)
     out = fq(w, s)
-    folded = (w.detach() * s.view(-1, 1, 1, 1))
+    folded = w.detach() * s.view(-1, 1, 1, 1)
     q = 2.0 ** torch.ceil(torch.log2(folded.abs().max() / 127))  # the pow2 step of the folded weight
     assert fq.scale.item() == q.item()
     expected = torch.clamp(torch.round(folded / q), -128, 127) * q / s.view(-1, 1, 1, 1)

@@ -72,3 +72,32 @@ def test_near_tie_flips_are_told_apart_from_real_ones():
     # sample 2 flips although torch preferred class 1 by 1.5, far beyond the drift
     flipped_far = np.array([[1.00, 0.99, -2.0], [3.02, -1.0, 0.0], [2.1, 2.0, 0.0]])
     assert not _flips_are_near_ties(torch_out, flipped_far, step=0.01)
+
+
+class Normed(nn.Module):
+    """A conv, then a layer norm and softmax that stay in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3))
+        return self.fc(self.norm(x).softmax(-1))
+
+
+@pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
+@pytest.mark.parametrize(
+    ("model", "scheme", "exact"),
+    [(Two, "int8_pow2", True), (Two, "int8", False), (Two, "int16_pow2", False), (Normed, "int8_pow2", False)],
+)
+def test_bit_exact_only_for_int8_pow2_graphs_without_float_ops(model, scheme, exact):
+    from edgequant.parity import is_exact
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    q = QATModule(model(), (x,), scheme=scheme).eval()
+    _, reference = reexport(q.convert(), (x,))
+    assert is_exact(reference) is exact

@@ -90,9 +90,7 @@ def test_preset_rules_in_onnx(preset, model_name, data, digits_model, tmp_path):
 def _int16_q_inputs(model: onnx.ModelProto) -> set[str]:
     values = constant_values(model)
     return {
-        n.input[0]
-        for n in model.graph.node
-        if n.op_type == "QuantizeLinear" and values[n.input[2]].dtype == np.int16
+        n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and values[n.input[2]].dtype == np.int16
     }
 
 
@@ -150,7 +148,8 @@ def test_high_precision_rule_and_callable(choice, data):
     scheme = eq.get_scheme("int8_pow2").with_high_precision(choice)
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), scheme)
     int16_weights = [
-        fq for fq in qmodel.fake_quantizers()
+        fq
+        for fq in qmodel.fake_quantizers()
         if fq.activation_post_process.averaging_constant == 1.0 and fq.dtype == torch.int16
     ]
     assert len(int16_weights) == 2

@@ -47,8 +47,11 @@ def test_strip_int16_leaves_a_float_graph_that_matches(tmp_path):
     assert [(layer.weight_bits, layer.output_bits) for layer in found] == [(16, 16), (16, 16)]
     stripped, removed = strip_int16(onnx.load(str(result.path)))
     assert removed >= 3  # input, conv output, logits
-    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in stripped.graph.node
-                   if n.op_type == "QuantizeLinear")
+    assert not any(
+        n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for n in stripped.graph.node
+        if n.op_type == "QuantizeLinear"
+    )
     assert all(numpy_helper.to_array(t).dtype != np.int16 for t in stripped.graph.initializer)
     path = tmp_path / "float.onnx"
     onnx.save(stripped, str(path))

@@ -132,11 +132,27 @@ def _attr(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
 
 
 def _new_attr(gm: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
-    gm.register_buffer(name, value.detach().clone())
+    """Register a freshly computed tensor (no copy: large models must not hold two)."""
+    value = value.detach()
+    gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["val"] = value
     return node
+
+
+def _drop_unused_attrs(gm: GraphModule, candidates: set[str]) -> None:
+    """Delete the tensors among `candidates` that no get_attr node reads any more.
+
+    Folding replaces each conv weight and BN's parameters by one new tensor; keeping
+    the old ones would double the model's memory and its state_dict.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in candidates - used:
+        owner_name, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if hasattr(owner, attr):
+            delattr(owner, attr)
 
 
 def fold_fused_bn(gm: GraphModule) -> int:
@@ -147,6 +163,7 @@ def fold_fused_bn(gm: GraphModule) -> int:
     """
     graph = gm.graph
     folded = 0
+    before = {n.target for n in graph.nodes if n.op == "get_attr"}
     for conv, bn in _fused_pairs(gm):
         _, bn_w, bn_b, mean, var, _, _, eps = _bn_args(bn)
         gamma, running_mean, running_var = _attr(gm, bn_w), _attr(gm, mean), _attr(gm, var)
@@ -174,6 +191,7 @@ def fold_fused_bn(gm: GraphModule) -> int:
         folded += 1
     _drop_bn_counters(gm)
     graph.eliminate_dead_code()
+    _drop_unused_attrs(gm, before)
     graph.lint()
     gm.recompile()
     return folded
@@ -184,8 +202,10 @@ def _drop_bn_counters(gm: GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.target == aten.add_.Tensor and not node.users:
             target = node.args[0]
-            if isinstance(target, Node) and target.op == "get_attr" and str(target.target).endswith(
-                "num_batches_tracked"
+            if (
+                isinstance(target, Node)
+                and target.op == "get_attr"
+                and str(target.target).endswith("num_batches_tracked")
             ):
                 gm.graph.erase_node(node)
 

@@ -106,8 +106,7 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
     if not (missing or unexpected or mismatched):
         return
     text = (
-        f"the state_dict does not fit this {type(module).__name__}; "
-        "it looks like a different architecture or scheme:"
+        f"the state_dict does not fit this {type(module).__name__}; it looks like a different architecture or scheme:"
     )
     for kind, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if items:

@@ -19,15 +19,38 @@ qd = torch.ops.quantized_decomposed
 INT32_MIN, INT32_MAX = qrange(32)
 
 
+def _copy_sharing_tensors(prepared: GraphModule) -> tuple[GraphModule, set[int]]:
+    """A copy of the graph module whose parameters and buffers are the prepared model's own.
+
+    Folding and conversion replace tensors rather than write into them, so sharing is
+    safe and spares a full float copy of the weights at the memory peak.
+    """
+    tensors = [*prepared.parameters(), *prepared.buffers()]
+    return copy.deepcopy(prepared, {id(t): t for t in tensors}), {id(t) for t in tensors}
+
+
+def _unshare(model: GraphModule, shared: set[int]) -> None:
+    """Give the converted model its own copy of what it still shares (e.g. float norm weights)."""
+    for module in model.modules():
+        for attr, value in list(module.named_parameters(recurse=False)):
+            if id(value) in shared:
+                setattr(module, attr, torch.nn.Parameter(value.detach().clone(), value.requires_grad))
+        for attr, value in list(module.named_buffers(recurse=False)):
+            if id(value) in shared:
+                persistent = attr not in module._non_persistent_buffers_set
+                module.register_buffer(attr, value.detach().clone(), persistent=persistent)
+
+
 def convert(prepared: GraphModule) -> GraphModule:
     """Fold BN, turn fake-quant into Q/DQ with int8 weights, and quantize biases to int32.
 
     The prepared model is left untouched so training can go on after a convert.
     """
-    model = copy.deepcopy(prepared)
+    model, shared = _copy_sharing_tensors(prepared)
     set_graph_training(model, dropout=False, batchnorm=False)
     fold_fused_bn(model)
     model = convert_pt2e(model, fold_quantize=True)
+    _unshare(model, shared)
     quantize_biases(model)
     # torchao makes train()/eval() raise on its graphs; the converted graph is fixed in
     # inference form, so the plain nn.Module behaviour (flag only) is the right one.

@@ -24,9 +24,7 @@ def digits_tensors(split: str, size: int = 32, seed: int = 0) -> tuple[torch.Ten
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     idx = torch.arange(len(labels)).numpy()
-    train_idx, test_idx = train_test_split(
-        idx, test_size=TEST_FRACTION, random_state=seed, stratify=labels.numpy()
-    )
+    train_idx, test_idx = train_test_split(idx, test_size=TEST_FRACTION, random_state=seed, stratify=labels.numpy())
     chosen = torch.as_tensor(train_idx if split == "train" else test_idx)
     x = images[chosen].unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

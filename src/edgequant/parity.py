@@ -16,11 +16,44 @@ import onnxruntime as ort
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from .quantizer import MOVEMENT_OPS
 from .scales import is_power_of_2
 
+aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+# Float ops that both runtimes compute to the same bits on dequantized int8 power-of-2
+# values: integer sums far below 2**24, comparisons, data movement and the pools and
+# means whose rescale both sides round at the next quantizer. Anything else (layer
+# norm, softmax, GELU, ...) computes in float with implementation-specific rounding.
+EXACT_OPS = frozenset(
+    {
+        *MOVEMENT_OPS,
+        *Q_OPS,
+        *DQ_OPS,
+        operator.getitem,
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.linear.default,
+        aten.add.Tensor,
+        aten.add_.Tensor,
+        aten.sub.Tensor,
+        aten.relu.default,
+        aten.relu_.default,
+        aten.relu6.default,
+        aten.hardtanh.default,
+        aten.hardtanh_.default,
+        aten.clamp.default,
+        aten.minimum.default,
+        aten.max_pool2d.default,
+        aten.cat.default,
+        aten.adaptive_avg_pool2d.default,
+        aten.avg_pool2d.default,
+        aten.mean.dim,
+        aten.dropout.default,
+    }
+)
 
 
 class ParityError(RuntimeError):
@@ -75,14 +108,27 @@ class ParityReport:
         return text
 
 
+def _computes_in_float(node: Node) -> bool:
+    value = node.meta.get("val")
+    return (
+        node.op == "call_function"
+        and node.target not in EXACT_OPS
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+    )
+
+
 def is_exact(model: GraphModule) -> bool:
     """True when torch and onnxruntime must agree bit for bit: 8-bit Q/DQ, power-of-2 scales.
 
     Then every rescale is a shift and every accumulator stays far below 2**24, so
-    float32 on either side computes the exact integer result. Free scales or 16-bit
-    tensors leave room for ties that the two runtimes round differently.
+    float32 on either side computes the exact integer result. Free scales, 16-bit
+    tensors or ops left in float (layer norm, softmax, ...) leave room for ties that
+    the two runtimes round differently.
     """
     for node in model.graph.nodes:
+        if _computes_in_float(node):
+            return False
         if node.target not in Q_OPS + DQ_OPS:
             continue
         dtype = node.args[-1]

@@ -154,4 +154,3 @@ class QATModule(QuantWrapper):
         if self.training and torch.is_grad_enabled():
             self.qat_state[1] = 1
         return self.model(*args)
-

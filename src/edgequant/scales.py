@@ -44,8 +44,14 @@ def symmetric_scale(max_abs: torch.Tensor, qmax: int, power_of_2: bool) -> torch
     With `power_of_2` the scale is rounded *up* to a power of two, so the range
     is still covered and every rescale in the engine becomes a shift.
     """
-    scale = max_abs.to(torch.float32) / qmax
-    return pow2_ceil(scale) if power_of_2 else torch.clamp(scale, min=MIN_SCALE)
+    max_abs = max_abs.to(torch.float32)
+    scale = max_abs / qmax
+    if power_of_2:
+        return pow2_ceil(scale)
+    # The division rounds to nearest; one ulp up where that left max_abs outside the range.
+    short = scale * qmax < max_abs
+    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    return torch.clamp(scale, min=MIN_SCALE)
 
 
 def asymmetric_qparams(
@@ -59,9 +65,7 @@ def asymmetric_qparams(
     return scale, zero_point
 
 
-def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Round half to even and saturate, as ONNX QuantizeLinear does."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 

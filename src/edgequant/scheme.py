@@ -88,8 +88,7 @@ PRESETS: dict[str, Scheme] = {
     for s in (
         _preset(
             "int8_pow2",
-            "int8 weights and activations, symmetric, per-tensor, power-of-2 scales "
-            "(legacy devices such as TDA4VM)",
+            "int8 weights and activations, symmetric, per-tensor, power-of-2 scales (legacy devices such as TDA4VM)",
         ),
         _preset(
             "int8",
