@@ -81,6 +81,26 @@ def test_activation_clip_mask_zeroes_gradient_outside_range():
     assert x.grad.tolist() == [1.0, 0.0, 0.0]
 
 
+
+def test_switches_take_effect_at_once_and_after_loading_a_state_dict():
+    def make():
+        return FakeQuantize(observer=RangeObserver, dtype=torch.int8, quant_min=-128, quant_max=127)
+
+    small, big = torch.full((4,), 0.5), torch.full((4,), 8.0)
+    fq = make()
+    fq(small)
+    fq.disable_observer()
+    assert fq(big).max() == 127 / 128  # clipped to the range of `small`: 0.5 / 127 -> scale 2^-7
+    fq.disable_fake_quant()
+    assert torch.equal(fq(big), big)
+    resumed = make()
+    resumed(small)  # observing and fake-quantizing before the load
+    resumed.load_state_dict(fq.state_dict())
+    assert torch.equal(resumed(big), big)  # the loaded switches (both off) apply
+    resumed.enable_fake_quant()
+    assert resumed(big).max() == 127 / 128 and resumed.scale.item() == 2.0**-7
+
+
 SHAPES = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5)
 
 

@@ -96,6 +96,7 @@ def export_onnx(
         onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False)
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp))
+        del onnx_program  # its in-memory copy of the weights; onnxruntime reads the file
         try:
             parity = compare(str(tmp), reference, tuple(example_inputs), session(str(tmp)))
         except ParityError as error:

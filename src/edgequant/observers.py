@@ -236,6 +236,26 @@ class FakeQuantize(_TorchaoFakeQuantize):
     def __init__(self, observer: type[ObserverBase] = RangeObserver, **observer_kwargs: object) -> None:
         super().__init__(observer=observer, **observer_kwargs)
         self.register_buffer("frozen", torch.tensor([0], dtype=torch.uint8))
+        # Host copy of (observer_enabled, fake_quant_enabled): reading the buffers every
+        # step would cost a device sync per quantizer on GPU. Re-read after any change.
+        self._flags: tuple[bool, bool] | None = None
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        super().enable_observer(enabled)
+        self._flags = None
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._flags = None
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._flags = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _host_flags(self) -> tuple[bool, bool]:
+        if self._flags is None:
+            self._flags = (bool(self.observer_enabled[0]), bool(self.fake_quant_enabled[0]))
+        return self._flags
 
     def forward(self, x: torch.Tensor, bn_factor: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize x, or with `bn_factor` s, return Q(x * s) / s for folded conv+BN weights.
@@ -244,7 +264,7 @@ class FakeQuantize(_TorchaoFakeQuantize):
         materialising x * s (round-half-even is symmetric, so the sign of s drops out).
         """
         obs = self.activation_post_process
-        observing = bool(self.observer_enabled.item())
+        observing, fake_quant = self._host_flags()
         if observing:
             if bn_factor is None:
                 obs(x)
@@ -258,7 +278,7 @@ class FakeQuantize(_TorchaoFakeQuantize):
             self.scale.copy_(scale)
             if not obs.symmetric:  # symmetric zero points stay 0
                 self.zero_point.copy_(zero_point)
-        if not self.fake_quant_enabled.item():
+        if not fake_quant:
             return x
         scale, zero_point = self.scale, None if obs.symmetric else self.zero_point
         if bn_factor is not None:
