@@ -82,6 +82,9 @@ def test_fold_matches_float_with_custom_eps():
     assert fold_fused_bn(prepared) == 1
     assert not any(n.target in BN_OPS for n in prepared.graph.nodes)
     torch.testing.assert_close(prepared(x), m(x), rtol=1e-4, atol=1e-4)
+    # The conv's and BN's replaced tensors are gone: one folded weight and bias remain.
+    floats = [k for k, v in prepared.state_dict().items() if v.numel() > 1 and "activation_post_process" not in k]
+    assert len(floats) == 2 and all("folded" in k for k in floats), floats
 
 
 def test_fold_after_prepare_keeps_weight_quantizer():

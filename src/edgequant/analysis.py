@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .batchnorm import FUSED_BN_OP, WEIGHTED_OPS
 from .bias_correction import mean_shift
+from .convert import int32_bias
 from .equalization import BOUND_OP
 from .observers import RangeObserver
 from .ptq import PTQConfig, PTQModule
@@ -371,11 +372,8 @@ def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     Without this rounding the simulation drifts measurably from the converted model:
     tiny bias errors flip activations that sit at a rounding edge, and flips add up.
     """
-    low, high = qrange(32)
-    overflow = float((bias / scale).abs().max()) / high
-    if overflow > 1.0:
-        scale = scale * 2.0 ** math.ceil(math.log2(overflow))
-    return torch.clamp(torch.round(bias / scale), low, high) * scale
+    q, scale = int32_bias(bias, scale)
+    return q.to(bias.dtype) * scale
 
 
 @dataclass

@@ -86,11 +86,15 @@ def _listing(kind: str, items: list[str]) -> str:
     return f"\n  {kind} ({len(items)}): {', '.join(items[:_LISTED])}{more}"
 
 
+def missing_and_unexpected(expected: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Keys a state_dict lacks, and keys it has that the module does not, in their own order."""
+    return [k for k in expected if k not in given], [k for k in given if k not in expected]
+
+
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
     """Raise CheckpointError listing missing, unexpected and shape-mismatched keys."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+    missing, unexpected = missing_and_unexpected(own, state_dict)
     mismatched = []
     for key, value in state_dict.items():
         current = own.get(key)

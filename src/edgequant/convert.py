@@ -70,6 +70,19 @@ def _dq_scale(node: object) -> torch.Tensor | None:
     return torch.as_tensor(scale, dtype=torch.float32)
 
 
+def int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 values, scale) of a bias on the grid s_in * s_w given as `scale`.
+
+    With 16-bit operands s_in * s_w can be so small that the bias overflows int32; the
+    scale is then doubled until it fits (still a power of two times s_in * s_w).
+    """
+    bias = bias.detach().to(torch.float32)
+    overflow = float((bias / scale).abs().max()) / INT32_MAX
+    if overflow > 1.0:
+        scale = scale * 2.0 ** math.ceil(math.log2(overflow))
+    return torch.clamp(torch.round(bias / scale), INT32_MIN, INT32_MAX).to(torch.int32), scale
+
+
 def quantize_biases(model: GraphModule) -> int:
     """Replace each float conv/linear bias by int32 values with scale s_in * s_w, plus a DQ.
 
@@ -77,8 +90,7 @@ def quantize_biases(model: GraphModule) -> int:
     optimisation level above "disabled"; doing it here, explicitly, makes the torch
     model, the ONNX file and the engine compute the same integers.
 
-    With 16-bit operands s_in * s_w can be so small that a bias overflows int32; the
-    bias scale is then doubled until it fits (still a power of two times s_in * s_w).
+    A bias that would overflow int32 gets a larger scale (see `int32_bias`).
     A float bias is never left behind: onnxruntime would quantize it to int32 with
     s_in * s_w itself, and saturate.
     """
@@ -91,12 +103,7 @@ def quantize_biases(model: GraphModule) -> int:
         s_in, s_w = _dq_scale(node.args[0]), _dq_scale(node.args[1])
         if not isinstance(bias, Node) or bias.op != "get_attr" or s_in is None or s_w is None:
             continue
-        b = operator.attrgetter(bias.target)(model).detach().to(torch.float32)
-        s_b = (s_in * s_w).reshape(-1)
-        overflow = float((b / s_b).abs().max()) / INT32_MAX
-        if overflow > 1.0:
-            s_b = s_b * 2.0 ** math.ceil(math.log2(overflow))
-        q = torch.clamp(torch.round(b / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
+        q, s_b = int32_bias(operator.attrgetter(bias.target)(model), (s_in * s_w).reshape(-1))
         name = f"{node.name}_bias_int32"
         model.register_buffer(name, q)
         with graph.inserting_before(node):

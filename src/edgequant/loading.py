@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .checkpoint import missing_and_unexpected
 from .data import NUM_CLASSES as DIGITS_CLASSES
 from .data import digits_tensors
 
@@ -169,8 +170,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ) from None
     state = _state_dict_of(checkpoint, path)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing, unexpected = missing_and_unexpected(expected, state)
     mismatched = [
         f"{k} (checkpoint {list(state[k].shape)}, model {list(v.shape)})"
         for k, v in expected.items()
