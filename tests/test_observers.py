@@ -81,7 +81,6 @@ def test_activation_clip_mask_zeroes_gradient_outside_range():
     assert x.grad.tolist() == [1.0, 0.0, 0.0]
 
 
-
 def test_switches_take_effect_at_once_and_after_loading_a_state_dict():
     def make():
         return FakeQuantize(observer=RangeObserver, dtype=torch.int8, quant_min=-128, quant_max=127)
