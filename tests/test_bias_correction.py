@@ -61,3 +61,49 @@ def test_bias_correction_zeroes_mean_output_error():
     after = _mean_conv_error(corrected, model, x).abs().max()
     assert before > 1e-3
     assert after < before / 5
+
+
+class Tokens(nn.Module):
+    """A linear layer over the last dim of (N, T, C) tokens, as in transformers' MLPs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.mix(x).mean(1))
+
+
+def _mean_linear_error(qmodel, model, x):
+    """Mean over the data of (converted `mix` - float `mix` on the same quantized input), per channel."""
+    quantized = qmodel.convert()
+    mix = next(n for n in quantized.graph.nodes if n.target == torch.ops.aten.linear.default)
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    Recorder(quantized).run(x)
+    return (values[mix.name] - model.mix(values[mix.args[0].name])).mean(dim=(0, 1))
+
+
+def test_bias_correction_on_channels_last_linear_layers():
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    with torch.no_grad():
+        model.mix.weight.mul_(4.0)  # coarse int8 steps, visible rounding shift
+    x = torch.randn(64, 7, 12) + torch.linspace(-1.0, 2.0, 12)  # T = 7 != C = 12, channel means far from 0
+    loader = [x[i : i + 16] for i in range(0, 64, 16)]
+    results = []
+    for correct in (False, True):
+        qmodel = eq.PTQModule(model, (x[:8],), config=eq.PTQConfig(bias_correction=correct))
+        qmodel.calibrate(loader, progress=False)
+        with torch.no_grad():
+            results.append(_mean_linear_error(qmodel, model, x).abs().max())
+    before, after = results
+    assert before > 1e-3
+    assert after < before / 5

@@ -122,18 +122,23 @@ class ChannelsLast(torch.nn.Module):
         return self.head(y.mean((1, 2)))
 
 
-def test_bias_correction_only_uses_channel_means_it_can_read(tmp_path):
+def test_bias_correction_reads_each_layers_channels_from_its_own_dim(tmp_path):
     torch.manual_seed(0)
-    x = torch.randn(16, 3, 5, 5)  # H = 5 != C = 6: a mean along dim 1 would not fit the layer
-    qmodel = eq.PTQModule(ChannelsLast().eval(), (x,))
-    corrected = qmodel._bias_correction_inputs()
-    readers = {
-        u.target
-        for n in qmodel.model.graph.nodes
-        if n.op == "call_module" and qmodel.model.get_submodule(n.target) in corrected
-        for u in n.users
-    }
-    assert torch.ops.aten.conv2d.default in readers and len(corrected) == 2  # the conv's and the 2-D head's input
+    x = torch.randn(16, 3, 5, 5)  # H = 5 != C = 6: a mean along dim 1 would not fit the mix layer
+    model = ChannelsLast().eval()
+    qmodel = eq.PTQModule(model, (x,))
+    dims = {}
+    for n in qmodel.model.graph.nodes:
+        if n.op == "call_module":
+            for obs, dim in qmodel._bias_correction_inputs():
+                if qmodel.model.get_submodule(n.target) is obs:
+                    dims[next(iter(n.users)).target, n.args[0].meta["val"].dim()] = dim
+    aten = torch.ops.aten
+    assert dims == {(aten.conv2d.default, 4): 1, (aten.linear.default, 4): -1, (aten.linear.default, 2): 1}
     qmodel.calibrate([x], progress=False)
+    mix_input = next(obs for obs, dim in qmodel._bias_correction_inputs() if dim == -1)
+    with torch.no_grad():
+        expected = model.conv(x).permute(0, 2, 3, 1).mean((0, 1, 2))
+    torch.testing.assert_close(mix_input.channel_mean, expected, rtol=1e-5, atol=1e-6)
     result = qmodel.export(tmp_path / "cl.onnx")
     assert result.parity.max_abs_diff == 0.0

@@ -67,9 +67,10 @@ class RangeObserver(ObserverBase):
         self.percentile = 99.99
         self.hist: torch.Tensor | None = None
         self.hist_max = 0.0
-        # Per-channel mean of the observed tensor (dim 1), for bias correction.
+        # Per-channel mean of the observed tensor (along `channel_dim`), for bias correction.
         self.channel_sum: torch.Tensor | None = None
         self.channel_count = 0
+        self.channel_dim = 1
 
     def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
         """Switch to histogram collection over [0, max |x| seen so far]."""
@@ -77,8 +78,9 @@ class RangeObserver(ObserverBase):
         self.hist_max = float(torch.maximum(-self.min_val, self.max_val))
         self.hist = torch.zeros(bins)
 
-    def track_channel_mean(self) -> None:
-        self.channel_sum, self.channel_count = torch.zeros(0), 0
+    def track_channel_mean(self, dim: int = 1) -> None:
+        """Also average the tensor per channel along `dim`: 1 for NCHW, -1 for channels-last data."""
+        self.channel_sum, self.channel_count, self.channel_dim = torch.zeros(0), 0, dim
 
     @property
     def channel_mean(self) -> torch.Tensor | None:
@@ -104,10 +106,10 @@ class RangeObserver(ObserverBase):
         else:
             self.update(*self.extremes(x))
         if self.channel_sum is not None and x.dim() >= 2:
-            dims = [d for d in range(x.dim()) if d != 1]
-            total = x.detach().float().sum(dim=dims)
+            channel = self.channel_dim % x.dim()
+            total = x.detach().float().sum(dim=[d for d in range(x.dim()) if d != channel])
             self.channel_sum = total if self.channel_sum.numel() == 0 else self.channel_sum + total
-            self.channel_count += x.numel() // x.shape[1]
+            self.channel_count += x.numel() // x.shape[channel]
         return x
 
     def update(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:

@@ -117,12 +117,12 @@ class PTQModule(QuantWrapper):
                     found.append(module)
         return found
 
-    def _bias_correction_inputs(self) -> list[RangeObserver]:
-        """Activation observers whose channel means bias correction can use.
+    def _bias_correction_inputs(self) -> list[tuple[RangeObserver, int]]:
+        """Activation observers whose channel means bias correction can use, with the channel dim.
 
-        The mean is tracked along dim 1, which is the input channel of a conv and of a
-        linear layer on (N, C) data; a linear layer on (N, ..., C) data (channels last,
-        as in ConvNeXt or transformers) reads its channels from the last dim instead.
+        A conv, and a linear layer on (N, C) data, read their input channels from dim 1;
+        a linear layer on (N, ..., C) data (channels last, as in ConvNeXt or
+        transformers) reads them from the last dim.
         """
         found = []
         for node in self.model.graph.nodes:
@@ -134,8 +134,14 @@ class PTQModule(QuantWrapper):
             readers = [u for u in node.users if u.target in WEIGHTED_OPS and u.args[0] is node]
             val = node.args[0].meta.get("val")
             rank = val.dim() if isinstance(val, torch.Tensor) else None
-            if readers and all(u.target in CONV_OPS or rank == 2 for u in readers):
-                found.append(module)
+            if not readers or rank is None:
+                continue
+            if all(u.target in CONV_OPS for u in readers) or (
+                rank == 2 and all(u.target in WEIGHTED_OPS for u in readers)
+            ):
+                found.append((module, 1))
+            elif rank > 2 and not any(u.target in CONV_OPS for u in readers):
+                found.append((module, -1))
         return found
 
     def observers(self) -> list[RangeObserver]:
@@ -188,8 +194,8 @@ class PTQModule(QuantWrapper):
         self.train()
         activations = self.activation_observers()
         if cfg.bias_correction:
-            for obs in self._bias_correction_inputs():
-                obs.track_channel_mean()
+            for obs, dim in self._bias_correction_inputs():
+                obs.track_channel_mean(dim)
         self._run(batches, "calibrate ranges", progress)
         if cfg.range_estimator != "minmax":
             for obs in activations:
