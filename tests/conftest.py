@@ -29,6 +29,20 @@ def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
     return digits_tensors("train")
 
 
+class FloatNormNet(torch.nn.Module):
+    """A conv, then a layer norm and softmax that stay in float between Q/DQ pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean((2, 3))
+        return self.fc(self.norm(x).softmax(-1))
+
+
 def warmed_model(name: str, data: torch.Tensor, steps: int = 4) -> torch.nn.Module:
     """A random-init model whose BN statistics have seen real data, as after training."""
     model = build_model(name)

@@ -27,11 +27,8 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
-def _mean_conv_error(qmodel, model, x):
-    """Mean over the data of (quantized-weight conv - float conv), per channel."""
-    quantized = qmodel.convert()
-    conv_q = next(n for n in quantized.graph.nodes if n.target == torch.ops.aten.conv2d.default)
-    # run the converted graph up to the conv with float (dequantized-input) arithmetic
+def _node_values(graph: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's output when `graph` runs on x, by node name."""
     values = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -40,7 +37,16 @@ def _mean_conv_error(qmodel, model, x):
             values[n.name] = out
             return out
 
-    Recorder(quantized).run(x)
+    Recorder(graph).run(x)
+    return values
+
+
+def _mean_conv_error(qmodel, model, x):
+    """Mean over the data of (quantized-weight conv - float conv), per channel."""
+    quantized = qmodel.convert()
+    conv_q = next(n for n in quantized.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    # run the converted graph up to the conv with float (dequantized-input) arithmetic
+    values = _node_values(quantized, x)
     y_q = values[conv_q.name]
     y = model.conv(values[conv_q.args[0].name])  # same (quantized) input, float weights
     return (y_q - y).mean(dim=(0, 2, 3))
@@ -79,15 +85,7 @@ def _mean_linear_error(qmodel, model, x):
     """Mean over the data of (converted `mix` - float `mix` on the same quantized input), per channel."""
     quantized = qmodel.convert()
     mix = next(n for n in quantized.graph.nodes if n.target == torch.ops.aten.linear.default)
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            values[n.name] = out
-            return out
-
-    Recorder(quantized).run(x)
+    values = _node_values(quantized, x)
     return (values[mix.name] - model.mix(values[mix.args[0].name])).mean(dim=(0, 1))
 
 

@@ -8,6 +8,8 @@ from torch import nn
 from edgequant import QATModule
 from edgequant.parity import DQ_OPS
 
+from .conftest import FloatNormNet
+
 
 class Small(nn.Module):
     def __init__(self) -> None:
@@ -70,23 +72,11 @@ def test_int16_bias_that_would_overflow_int32_gets_a_larger_pow2_scale():
         torch.testing.assert_close(converted(x), model(x), atol=1e-2, rtol=1e-3)
 
 
-class Normed(nn.Module):
-    """A layer norm keeps float weights in the converted model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.LayerNorm(8)
-
-    def forward(self, x):
-        return self.norm(self.conv(x).mean((2, 3)))
-
-
 @pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
 def test_convert_leaves_the_training_graph_alone_and_shares_no_tensor_with_it():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
-    q = QATModule(Normed(), (x,)).eval()
+    q = QATModule(FloatNormNet(), (x,))  # its layer norm keeps float weights.eval()
     before = {k: v.clone() for k, v in q.state_dict().items()}
     converted = q.convert()
     after = q.state_dict()

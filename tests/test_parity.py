@@ -8,6 +8,8 @@ from torch import nn
 from edgequant import ParityError, QATModule
 from edgequant.parity import compare, locate_divergence, reexport
 
+from .conftest import FloatNormNet
+
 
 class Two(nn.Module):
     def __init__(self) -> None:
@@ -74,24 +76,10 @@ def test_near_tie_flips_are_told_apart_from_real_ones():
     assert not _flips_are_near_ties(torch_out, flipped_far, step=0.01)
 
 
-class Normed(nn.Module):
-    """A conv, then a layer norm and softmax that stay in float."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.LayerNorm(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.conv(x).mean((2, 3))
-        return self.fc(self.norm(x).softmax(-1))
-
-
 @pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
 @pytest.mark.parametrize(
     ("model", "scheme", "exact"),
-    [(Two, "int8_pow2", True), (Two, "int8", False), (Two, "int16_pow2", False), (Normed, "int8_pow2", False)],
+    [(Two, "int8_pow2", True), (Two, "int8", False), (Two, "int16_pow2", False), (FloatNormNet, "int8_pow2", False)],
 )
 def test_bit_exact_only_for_int8_pow2_graphs_without_float_ops(model, scheme, exact):
     from edgequant.parity import is_exact
