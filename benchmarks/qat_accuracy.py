@@ -1,11 +1,17 @@
-"""QAT accuracy on digits-trained models, measured in onnxruntime, and runtime agreement.
+"""int8_pow2 QAT on digits-trained models: what eval shows, what onnxruntime runs, and whether they agree.
 
-    python benchmarks/qat_accuracy.py [--epochs 3] [--models resnet18 regnet_x_400mf mobilenet_v2]
+    python benchmarks/qat_accuracy.py [--epochs 3] [--lr 1e-3] [--models resnet18 mobilenet_v2@high_lr ...]
 
-For each model: float top-1; int8_pow2 QAT top-1 in torch and in onnxruntime; and how
-often onnxruntime agrees with the converted torch model on all 360 test images, next to
-the same agreement for torchao's own PT2E flow (XNNPACK-style per-tensor config, PTQ on
-128 images, exported with torch.onnx) on the same model.
+A model is `name` (the default float recipe) or `name@recipe` (a recipe of
+edgequant.training.RECIPES; `mobilenet_v2@high_lr` is trained with ten times the
+learning rate and comes out with dead channels). For each model, QAT follows the
+README snippet (SGD, momentum 0.9, weight decay 1e-4) twice: from the plain start
+(`QATModule(model, ...)`) and from the PTQ recipe (`calibration_data=`, 128 images).
+Reported: float top-1; top-1 of `qmodel.eval()` after each epoch (what a user picks
+checkpoints by) and at the end; top-1 of the exported file in onnxruntime; how often
+eval and onnxruntime agree on the 360 test images and their largest logit difference;
+next to the same agreement for torchao's own PT2E flow (XNNPACK-style per-tensor
+config, PTQ on 128 images, exported with torch.onnx).
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import quantize_on_digits, save, table
+from _common import save, table
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
-from edgequant.data import digits_tensors
+import edgequant as eq
+from edgequant.data import digits_loader, digits_tensors
 from edgequant.parity import run_onnx, session
-from edgequant.training import float_digits_model
+from edgequant.training import accuracy, float_digits_model, onnx_accuracy
+
+DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "mobilenet_v2@high_lr"]
 
 
 def agreement(onnx_path: Path, torch_model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -46,60 +56,99 @@ def torchao_peer_agreement(model: torch.nn.Module, calib: torch.Tensor, x: torch
     return agreement(out, converted, x)
 
 
-def run_model(name: str, epochs: int, lr: float, workdir: Path) -> dict:
-    row = quantize_on_digits(name, "int8_pow2", epochs, lr, workdir)
+def qat_run(model: torch.nn.Module, calibrated: bool, epochs: int, lr: float, workdir: Path, tag: str) -> dict:
+    """The README's loop; eval top-1 after every epoch, then export and agreement."""
+    torch.manual_seed(0)
+    train = digits_loader("train", batch_size=64)
+    test = digits_loader("test", batch_size=120)
+    example = digits_tensors("train")[0][:32]
+    calib = digits_loader("train", batch_size=32, limit=128, shuffle=False) if calibrated else None
+    start = time.perf_counter()
+    qmodel = eq.QATModule(model, (example,), "int8_pow2", total_epochs=epochs, calibration_data=calib)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_epoch = []
+    for _ in range(epochs):
+        qmodel.train()
+        for x, y in train:
+            optimizer.zero_grad()
+            loss_fn(qmodel(x), y).backward()
+            optimizer.step()
+        qmodel.eval()
+        per_epoch.append(accuracy(qmodel, test))
+    seconds = time.perf_counter() - start
+    path = workdir / f"{tag}.onnx"
+    result = qmodel.export(path)
+    x_test = digits_tensors("test")[0]
+    agree, diff = agreement(path, qmodel, x_test)
+    return {
+        "eval_top1_per_epoch": per_epoch,
+        "eval_top1": per_epoch[-1],
+        "onnxruntime_top1": onnx_accuracy(path, test),
+        "eval_vs_onnxruntime_top1_agreement": agree,
+        "eval_vs_onnxruntime_max_diff": diff,
+        "dead_channels": sum(len(c) for c in qmodel.dead_channels.values()),
+        "seconds": seconds,
+        "parity": str(result.parity),
+    }
+
+
+def run_model(spec: str, epochs: int, lr: float, workdir: Path) -> list[dict]:
+    name, _, recipe = spec.partition("@")
+    model = float_digits_model(name, recipe=recipe or "default")
+    float_top1 = accuracy(model, digits_loader("test", batch_size=120))
     x_test, _ = digits_tensors("test")
     x_train, _ = digits_tensors("train")
-    ours_agree, ours_diff = agreement(row.pop("_path"), row.pop("_qmodel").convert(), x_test)
-    peer_agree, peer_diff = torchao_peer_agreement(
-        float_digits_model(name), x_train[:128], x_test, workdir / f"{name}_torchao.onnx"
-    )
-    row["drop_points"] = row["float_top1"] - row["qat_onnxruntime_top1"]
-    row.update(
-        ours_ort_vs_torch_top1_agreement=ours_agree,
-        ours_ort_vs_torch_max_diff=ours_diff,
-        torchao_ort_vs_torch_top1_agreement=peer_agree,
-        torchao_ort_vs_torch_max_diff=peer_diff,
-    )
-    return row
+    peer_agree, peer_diff = torchao_peer_agreement(model, x_train[:128], x_test, workdir / f"{name}_torchao.onnx")
+    rows = []
+    for start, calibrated in (("plain", False), ("calibration_data", True)):
+        row = {"model": spec, "start": start, "float_top1": float_top1}
+        row.update(qat_run(model, calibrated, epochs, lr, workdir, f"{name}_{recipe}_{start}"))
+        row["drop_points"] = float_top1 - row["onnxruntime_top1"]
+        row.update(torchao_ort_vs_torch_top1_agreement=peer_agree, torchao_ort_vs_torch_max_diff=peer_diff)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "regnet_x_400mf", "mobilenet_v2"])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            row = run_model(name, args.epochs, args.lr, Path(tmp))
-            rows.append(row)
-            print(row, flush=True)
+        for spec in args.models:
+            rows += run_model(spec, args.epochs, args.lr, Path(tmp))
     headers = [
         "model",
+        "start",
+        "dead ch.",
         "float",
-        "QAT torch",
-        "QAT onnxruntime",
+        "eval top-1",
+        "onnxruntime top-1",
         "drop",
-        "ours: ORT=torch top-1 %",
-        "ours: max diff",
-        "torchao: ORT=torch top-1 %",
+        "eval = ORT top-1 %",
+        "eval vs ORT max diff",
+        "torchao: ORT = torch top-1 %",
         "torchao: max diff",
     ]
     keys = [
         "model",
+        "start",
+        "dead_channels",
         "float_top1",
-        "qat_torch_top1",
-        "qat_onnxruntime_top1",
+        "eval_top1",
+        "onnxruntime_top1",
         "drop_points",
-        "ours_ort_vs_torch_top1_agreement",
-        "ours_ort_vs_torch_max_diff",
+        "eval_vs_onnxruntime_top1_agreement",
+        "eval_vs_onnxruntime_max_diff",
         "torchao_ort_vs_torch_top1_agreement",
         "torchao_ort_vs_torch_max_diff",
     ]
     print()
-    print(f"int8_pow2 QAT, {args.epochs} epochs, lr {args.lr}; top-1 % on the 360 digits test images")
+    print(f"int8_pow2 QAT, {args.epochs} epochs, SGD lr {args.lr}; top-1 % on the 360 digits test images")
     print(table(headers, [[r[k] for k in keys] for r in rows]))
     print(f"\nresults: {save('qat_accuracy', ' '.join(['python', *sys.argv]), rows)}")
 

@@ -228,3 +228,15 @@ def test_bad_arguments(tiny, digits8):
         analyze(tiny, [(x[:32], yt[:32]), x[32:64]], (x[:8],), progress=False)
     with pytest.raises(TypeError, match="tensors or \\(inputs, labels\\) pairs"):
         analyze(tiny, ["not a batch"], (x[:8],), progress=False)
+
+
+def test_dead_channels_are_named_in_the_report(tiny, digits8):
+    x, xt, _ = digits8
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        model.stem[1].bias[2] = -1e3  # stem channel 2 never fires: block.0 sees zeros there
+        model.block[1].running_var[2] = 0.0
+        model.block[1].running_mean[2] = 0.0
+    report = analyze(model, x[:64], (x[:8],), eval_data=xt[:64], sweep_samples=16, confirm=False, progress=False)
+    assert report.dead_channels == {"block.0": [2]}
+    assert "dead channels (BN running variance ~0) in 1 layer(s): block.0 [2]" in str(report)

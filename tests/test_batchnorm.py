@@ -11,6 +11,7 @@ from edgequant.batchnorm import (
     fuse_conv_bn_for_qat,
     reestimate_bn,
     set_graph_training,
+    zero_dead_channels,
 )
 from edgequant.capture import capture
 from edgequant.quantizer import EdgeQuantizer
@@ -126,3 +127,53 @@ def test_reestimate_bn_recomputes_statistics_from_data():
     assert gm.bn.running_var.shape == conv_out.shape[1:2]
     bn = next(n for n in gm.graph.nodes if n.target in BN_OPS)
     assert bn.args[5] is False and bn.args[6] == 0.1  # back in eval mode, momentum restored
+
+
+class DeadDepthwise(nn.Module):
+    """conv -> ReLU whose channel 0 is always 0, then a depthwise conv whose BN saw only zeros there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.stem.weight[0] = 0.0
+            self.stem.bias[0] = -1.0  # relu(-1) == 0 on every input
+            self.dw.weight.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.running_var[0] = 0.0
+            self.bn.running_mean[0] = 0.0
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.bn(self.dw(torch.relu(self.stem(x))))
+
+
+def test_dead_channels_are_zeroed_without_changing_the_function():
+    torch.manual_seed(0)
+    model = DeadDepthwise().eval()
+    x = torch.randn(4, 3, 8, 8)
+    original = copy.deepcopy(model.state_dict())
+    graph = capture(model, (x,))
+    set_graph_training(graph, dropout=False, batchnorm=False)
+    expected = graph(x)
+    # Folded, channel 0's weights are ~316x the others': they alone would set a per-tensor range.
+    factor = model.bn.weight.detach() / torch.sqrt(model.bn.running_var + model.bn.eps)
+    assert float(factor[0]) > 100 * float(factor[1:].max())
+    found = zero_dead_channels(graph)
+    assert found == {"dw": [0]}
+    assert torch.equal(graph(x), expected)  # the dead weights only ever multiplied zeros
+    weight = graph.dw.weight.detach()
+    assert float(weight[0].abs().max()) == 0.0 and float(weight[1:].abs().min()) > 0.0
+    set_graph_training(graph, dropout=False, batchnorm=True)
+    assert torch.equal(graph(x)[:, 0], torch.full_like(graph(x)[:, 0], float(model.bn.bias[0])))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # the user's model is untouched
+
+
+def test_a_layer_that_never_saw_data_is_left_alone():
+    model = ConvBN(1e-5, 0.1, bias=True).eval()
+    with torch.no_grad():
+        model.bn.running_var.zero_()
+    graph = capture(model, (torch.randn(2, 3, 8, 8),))
+    assert zero_dead_channels(graph) == {}

@@ -11,7 +11,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +19,7 @@ from torch import nn
 from edgequant import cli, demo
 from edgequant.cli import build_parser, main
 from edgequant.loading import digits_data
+from edgequant.parity import session
 from edgequant.training import accuracy, train_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def onnx_top1(path: Path, data) -> float:
     """Top-1 % of an ONNX file in onnxruntime, computed here rather than by edgequant."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(str(path))
     name = sess.get_inputs()[0].name
     correct = total = 0
     for x, y in data.loader:
@@ -244,7 +244,7 @@ def test_ptq_on_an_image_folder(tmp_path, capsys):
     result = json.loads(captured.out)
     assert (result["calibration_samples"], result["evaluation_samples"]) == (8, 8)
     assert f"note: evaluating on {tmp_path / 'data'} itself; pass --eval-data" in captured.err
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    sess = session(str(tmp_path / "m.onnx"))
     assert sess.get_inputs()[0].shape[1:] == [3, 32, 32]
 
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from edgequant.data import digits_tensors
+from edgequant.parity import session
 from edgequant.training import FLOAT_EPOCHS, RECIPE
 
 from .conftest import warmed_model
@@ -57,7 +57,7 @@ def reported(stdout: str, label: str) -> float:
 def ort_top1(path: Path, limit: int) -> float:
     """Top-1 % of the file on the first `limit` digits test images, computed here."""
     x, y = digits_tensors("test")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(str(path))
     logits = sess.run(None, {sess.get_inputs()[0].name: x[:limit].numpy()})[0]
     return 100.0 * float((np.argmax(logits, 1) == y[:limit].numpy()).mean())
 
@@ -87,7 +87,7 @@ def test_segmentation_example_exports_with_exact_parity(tmp_path):
     )
     path = tmp_path / "lraspp_mobilenet_v3_large_int8_pow2.onnx"
     assert "max |diff| 0 " in stdout  # int8_pow2: onnxruntime equals the integer torch model exactly
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(str(path))
     out = sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, 3, 64, 64), np.float32)})
     assert [o.shape for o in out] == [(2, 3, 64, 64)]  # one tensor: per-pixel logits at input resolution
 
@@ -103,6 +103,6 @@ def test_ddp_example_on_two_gloo_ranks(float_cache, tmp_path):
     assert "ranges identical on all ranks: True" in stdout
     assert "max |diff| 0 " in stdout
     assert checkpoint.is_file()
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    sess = session(str(out))
     images = digits_tensors("test")[0][:LIMIT]
     assert sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0].shape == (LIMIT, 10)

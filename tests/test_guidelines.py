@@ -22,6 +22,7 @@ CODES = (
     "low-weight-decay",
     "adam-optimizer",
     "untrained-bn",
+    "dead-channel",
 )
 
 
@@ -230,11 +231,15 @@ def test_dead_channel_bn_fold_is_reported():
         nn.Conv2d(8, 4, 1),
     )  # fmt: skip
     assert check(model) == []
-    model[4].running_var[5] = 0.0
+    model[4].running_var[5] = 1e-6  # nearly constant: the fold blows the channel up
     (finding,) = check(model)
     assert (finding.code, finding.subject) == ("weight-range", ("3",))
-    assert "channel 5 has running variance 0" in finding.message
+    assert "channel 5 has running variance 1e-06" in finding.message
     assert "'int8_pow2_dw'" in finding.message  # one scale per channel represents it
+    model[4].running_var[5] = 0.0  # constant: a dead channel, which the wrappers zero
+    (finding,) = check(model)
+    assert (finding.code, finding.severity, finding.subject) == ("dead-channel", "warning", ("3",))
+    assert "output channel 5 has running variance ~0 in 4" in finding.message
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -325,5 +330,5 @@ def test_messages_are_one_line(images):
         model.conv1.weight[0, 0, 0, 0] = 100.0
         model.bn1.bias[0] = 1e4
     findings = check(model, torch.optim.AdamW(model.parameters(), weight_decay=0.0), images)
-    assert set(codes(findings)) == set(CODES) - {"depthwise-heavy", "low-weight-decay", "untrained-bn"}
+    assert set(codes(findings)) == set(CODES) - {"depthwise-heavy", "low-weight-decay", "untrained-bn", "dead-channel"}
     assert all("\n" not in str(f) for f in findings)

@@ -103,7 +103,7 @@ def test_nan_in_a_plain_calibration_loop_is_refused(digits_train):
     qmodel = eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],))
     bad = x[:8].clone()
     bad[3, 1] = float("inf")
-    with torch.no_grad(), pytest.raises(ValueError, match=r"input 0 contains NaN or Inf.*skip_nonfinite"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input 0 of this batch contains NaN or Inf.*skip_nonfinite"):
         qmodel(bad)
     assert int(qmodel.calibrated_samples) == 0  # nothing was observed
 

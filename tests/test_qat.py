@@ -154,3 +154,166 @@ def test_from_uncalibrated_ptq_is_an_error(digits_train):
     x, _ = digits_train
     with pytest.raises(ValueError, match="calibrate"):
         eq.QATModule.from_ptq(eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],)))
+
+
+def _eval_equals_convert(qmodel, x) -> torch.Tensor:
+    """Eval output, checked bit for bit against a fresh convert() of the current state."""
+    was_training = qmodel.training
+    qmodel.eval()
+    with torch.no_grad():
+        seen = qmodel(x)
+        expected = qmodel.convert()(x)
+    assert torch.equal(seen, expected)
+    if was_training:
+        qmodel.train()
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, scheme",
+    [*((name, "int8_pow2") for name in ZOO), ("resnet18", "int8"), ("regnet_x_400mf", "int16")],
+)
+def test_eval_is_the_integer_model_at_every_point_of_training(name, scheme, digits_train, digits_test, tmp_path):
+    x, y = digits_train
+    x_test = digits_test[0][:48]
+    qmodel = eq.QATModule(warmed_model(name, x), (x[:8],), scheme, total_epochs=2)
+    outputs = [_eval_equals_convert(qmodel, x_test)]  # before any step
+    _steps(qmodel, x, y, n=1)
+    outputs.append(_eval_equals_convert(qmodel, x_test))  # after one step
+    _steps(qmodel, x[16:], y[16:], n=3)
+    outputs.append(_eval_equals_convert(qmodel, x_test))  # after N steps
+    qmodel.eval()
+    qmodel.train()  # epoch 1: BN statistics and ranges freeze
+    assert qmodel.bn_frozen and qmodel.ranges_frozen
+    _steps(qmodel, x[64:], y[64:], n=2)
+    outputs.append(_eval_equals_convert(qmodel, x_test))  # after freezing
+    # Eval changed with training (and each time matched a fresh convert: nothing stale).
+    assert not torch.equal(outputs[0], outputs[-1])
+    # An optimizer step taken in eval mode (the weights changed): eval follows.
+    qmodel.eval()
+    cached = qmodel.integer_model()
+    with torch.no_grad():
+        for p in qmodel.parameters():
+            p.mul_(1.01)
+    after = _eval_equals_convert(qmodel, x_test)
+    assert qmodel.integer_model() is not cached
+    # Resumed from a checkpoint in a fresh process-like wrapper: the same integer model.
+    fresh = eq.QATModule(warmed_model(name, x, steps=1), (x[:8],), scheme, total_epochs=2)
+    fresh.load_state_dict(qmodel.state_dict())
+    assert torch.equal(_eval_equals_convert(fresh, x_test), after)
+    # And what eval shows is what onnxruntime computes on the exported file.
+    result = qmodel.export(tmp_path / "m.onnx")
+    assert result.parity.eval_agreement == (0.0, 1.0)
+    ort_out = run_onnx(session(str(result.path)), (x_test,))[0]
+    if scheme == "int8_pow2":
+        assert np.array_equal(ort_out, after.numpy())
+    else:  # float32 sums in another order: the documented rounding rule, not bit-exactness
+        assert result.parity.rounding is None or result.parity.rounding.max_lsb <= 1
+        assert (ort_out.argmax(1) == after.numpy().argmax(1)).mean() >= 0.95
+
+
+def _mobilenet_with_dead_channel(model: nn.Module, channel: int = 3) -> nn.Module:
+    """Kill one stem channel as a too-high learning rate does (its ReLU6 is 0 on every input).
+
+    The first depthwise conv's BN then has running variance 0 there, so its fold
+    factor is ~1/sqrt(eps): the case of shared/notes/per-tensor-depthwise-collapse.md.
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.features[0][1].bias[channel] = -1e3
+        dw_bn = model.features[1].conv[0][1]
+        dw_bn.running_var[channel] = 0.0
+        dw_bn.running_mean[channel] = 0.0
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_dead_channel_model_trains_without_nan_and_ends_near_float(digits_model, digits_train, digits_test):
+    from edgequant.training import accuracy
+
+    x, y = digits_train
+    model = _mobilenet_with_dead_channel(digits_model("mobilenet_v2"))
+    test = list(zip(digits_test[0].split(120), digits_test[1].split(120), strict=True))
+    float_top1 = accuracy(model, test)
+    qmodel = eq.QATModule(model, (x[:32],), "int8_pow2", total_epochs=1)
+    assert qmodel.dead_channels == {"features.1.conv.0.0": [3]}
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    qmodel.train()
+    for i in range(0, 640, 64):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(qmodel(x[i : i + 64]), y[i : i + 64])
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    assert accuracy(qmodel, test) >= float_top1 - 1.0
+
+
+def test_nan_input_in_training_raises_before_any_range_moves(digits_train):
+    x, _ = digits_train
+    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],))
+    ranges = [fq.activation_post_process.max_val.clone() for fq in qmodel.activation_quantizers()]
+    bad = x[:8].clone()
+    bad[3, 0, 5, 5] = float("nan")
+    with pytest.raises(eq.NonFiniteError, match="input 0 of this batch contains NaN"):
+        qmodel.train()(bad)
+    after = [fq.activation_post_process.max_val for fq in qmodel.activation_quantizers()]
+    assert all(torch.equal(a, b) for a, b in zip(ranges, after, strict=True))
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.second(torch.relu(self.first(x)))).mean((2, 3)))
+
+
+def test_overflow_in_a_layer_raises_naming_that_layer():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    qmodel = eq.QATModule(_TwoConvs(), (x,)).train()
+    with torch.no_grad():
+        qmodel.model.second.weight.fill_(3e38)  # finite weights whose sums overflow to Inf
+    with pytest.raises(eq.NonFiniteError, match="layer `second` overflowed") as info:
+        qmodel(x)
+    assert info.value.layer == "second"
+
+
+def test_diverged_weights_raise_naming_the_parameter():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    qmodel = eq.QATModule(_TwoConvs(), (x,)).train()
+    with torch.no_grad():
+        qmodel.model.first.bias[2] = float("nan")
+    with pytest.raises(eq.NonFiniteError, match=r"parameter `first\.bias`.*learning rate"):
+        qmodel(x)
+
+
+def test_ptq_calibration_overflow_raises_naming_the_layer():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    model = _TwoConvs().eval()
+    with torch.no_grad():
+        model.second.weight.fill_(3e38)
+    with pytest.raises(eq.NonFiniteError, match="layer `second`"):
+        eq.PTQModule(model, (x,)).calibrate([x], progress=False)
+
+
+@pytest.mark.slow
+def test_calibration_data_starts_qat_from_the_ptq_recipe(digits_model, digits_train, digits_test):
+    x, _ = digits_train
+    model = _mobilenet_with_dead_channel(digits_model("mobilenet_v2"))
+    calib = [x[i : i + 32] for i in range(0, 128, 32)]
+    ptq = eq.PTQModule(model, (x[:32],), "int8_pow2").calibrate(calib, progress=False)
+    qmodel = eq.QATModule(model, (x[:32],), "int8_pow2", total_epochs=2, calibration_data=calib).eval()
+    x_test = digits_test[0][:64]
+    with torch.no_grad():
+        # Same folded, equalized weights and the same ranges: the same integer model as PTQ's.
+        assert torch.equal(qmodel(x_test), ptq(x_test))
+    assert qmodel.dead_channels == ptq.dead_channels == {"features.1.conv.0.0": [3]}

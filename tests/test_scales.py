@@ -185,3 +185,46 @@ def test_quantize_matches_onnxruntime_bit_for_bit_including_ties(scale, bits, da
     ort_q, ort_y = ort_qdq(x, np.float32(scale), np.array(zero_point), bits)
     assert np.array_equal(q.numpy().astype(np.int64), ort_q.astype(np.int64))
     assert np.array_equal(y.numpy(), ort_y)
+
+
+def _ties_where_the_reciprocal_rounds_otherwise(scale: np.float32, bits: int) -> np.ndarray:
+    """float32 values next to k + 1/2 steps where round(x * (1/s)) != round(x / s)."""
+    qmin, qmax = scales.qrange(bits)
+    k = np.arange(qmin, qmax, max(1, (qmax - qmin) // 4096), dtype=np.float64)
+    centre = ((k + 0.5) * np.float64(scale)).astype(np.float32)
+    near = np.concatenate([centre, np.nextafter(centre, np.inf), np.nextafter(centre, -np.inf)])
+    by_division = np.round(near / scale)
+    by_reciprocal = np.round(near * (np.float32(1) / scale))
+    return near[by_division != by_reciprocal]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("scale", [0.013702594, 4.9712042e-05, 0.37])
+def test_every_quantizer_rounds_like_onnxruntime_where_the_reciprocal_would_not(scale, bits):
+    """fake-quant, the converted model's quantize ops, the analysis simulator and scales.quantize all divide."""
+    from edgequant.analysis import _Switch
+    from edgequant.observers import FakeQuantize, RangeObserver
+
+    scale = np.float32(scale)
+    x = _ties_where_the_reciprocal_rounds_otherwise(scale, bits)
+    assert len(x) > 0  # the case that tells the two roundings apart exists
+    qmin, qmax = scales.qrange(bits)
+    dtype = torch.int8 if bits == 8 else torch.int16
+    ort_q, ort_y = ort_qdq(x, scale, np.array(0), bits)
+    t, s = torch.from_numpy(x), torch.tensor(scale)
+    ops = torch.ops.quantized_decomposed
+    by_op = ops.quantize_per_tensor(t, float(scale), 0, qmin, qmax, dtype)
+    by_channel = ops.quantize_per_channel(t[None], s[None], torch.zeros(1, dtype=torch.int64), 0, qmin, qmax, dtype)[0]
+    assert np.array_equal(by_op.numpy(), ort_q) and np.array_equal(by_channel.numpy(), ort_q)
+    assert np.array_equal(scales.quantize(t, s, torch.tensor(0), qmin, qmax).numpy().astype(ort_q.dtype), ort_q)
+    observer = RangeObserver(dtype, power_of_2=False)
+    observer(torch.tensor([-float(scale) * qmax, float(scale) * qmax]))
+    assert float(observer.qparams()[0]) == float(scale)
+    fq = FakeQuantize(RangeObserver, dtype=dtype, quant_min=qmin, quant_max=qmax, power_of_2=False)
+    fq.activation_post_process = observer
+    fq.scale.copy_(s.reshape(1))
+    fq.disable_observer()
+    assert np.array_equal(fq(t).numpy(), ort_y)
+    switch = _Switch(observer, constant=False)
+    switch.bits = bits
+    assert np.array_equal(switch(t).numpy(), ort_y)

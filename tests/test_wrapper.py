@@ -71,9 +71,9 @@ def test_ptq_eval_is_deterministic_and_moving_the_module_rebuilds_the_integer_mo
     qmodel = eq.PTQModule(Residual().eval(), (x,)).calibrate([x], progress=False)
     with torch.no_grad():
         first = qmodel(x)
-        cached = qmodel._quantized
-        assert torch.equal(first, qmodel(x))
+        cached = qmodel.integer_model()
+        assert torch.equal(first, qmodel(x)) and qmodel.integer_model() is cached
         qmodel.to(torch.float32)
-        assert qmodel._quantized is None and torch.equal(first, qmodel(x))
-    assert cached is not None
-    assert not any(k.startswith("_quantized") for k in qmodel.state_dict())
+        assert qmodel.__dict__["_integer"] is None and torch.equal(first, qmodel(x))
+    assert qmodel.integer_model() is not cached
+    assert not any(k.startswith("_integer") for k in qmodel.state_dict())

@@ -11,6 +11,7 @@ import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_de
 from .analysis import AnalysisReport, analyze  # noqa: E402
 from .capture import CaptureError  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
+from .errors import EdgequantError, NonFiniteError  # noqa: E402
 from .export import ExportResult  # noqa: E402
 from .guidelines import Finding, check  # noqa: E402
 from .parity import ParityError, ParityReport  # noqa: E402
@@ -25,9 +26,11 @@ __all__ = [
     "AnalysisReport",
     "CaptureError",
     "CheckpointError",
+    "EdgequantError",
     "ExportResult",
     "Finding",
     "FreezeSchedule",
+    "NonFiniteError",
     "PTQConfig",
     "PTQModule",
     "ParityError",

@@ -32,10 +32,11 @@ from .batchnorm import FUSED_BN_OP, WEIGHTED_OPS
 from .bias_correction import mean_shift
 from .convert import int32_bias
 from .equalization import BOUND_OP
+from .graphutils import module_name
 from .observers import RangeObserver
 from .ptq import PTQConfig, PTQModule
-from .quantizer import FUSED_ACTIVATIONS, PASS_THROUGH_OPS, module_name
-from .scales import qrange
+from .quantizer import FUSED_ACTIVATIONS, PASS_THROUGH_OPS
+from .scales import qrange, to_grid
 from .scheme import PRESETS, Scheme, get_scheme
 
 aten = torch.ops.aten
@@ -100,6 +101,8 @@ class AnalysisReport:
     recommended_high_precision: list[str] = field(default_factory=list)
     recommended: Fidelity | None = None
     target_met: bool = False
+    # Output channels whose BN saw a constant, by conv: zeroed before quantizing (see batchnorm.py).
+    dead_channels: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain data for JSON: numbers, strings, lists; a missing value (NaN) becomes None."""
@@ -315,6 +318,7 @@ class _Switch(nn.Module):
         super().__init__()
         self.axis = observer.ch_axis
         self.symmetric = observer.symmetric
+        self.power_of_2 = observer.power_of_2
         self.params = {bits: _qparams(observer, bits) for bits in (8, 16)}
         self.low, self.high = float(observer.min_val.min()), float(observer.max_val.max())
         self.constant = constant
@@ -330,8 +334,7 @@ class _Switch(nn.Module):
             shape = [1] * x.dim()
             shape[self.axis or 0] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        # x * (1 / scale), rounded half to even, as the converted model's quantize op computes it.
-        q = torch.mul(x, torch.reciprocal(scale)).round_()
+        q = to_grid(x, scale, self.power_of_2)
         if self.symmetric:
             return q.clamp_(qmin, qmax).mul_(scale)
         return q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
@@ -648,6 +651,7 @@ def analyze(
         recommended_high_precision=chosen,
         recommended=recommended,
         target_met=recommended is not None and target.met(recommended),
+        dead_channels=ptq8.dead_channels,
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from . import distributed
+from .graphutils import module_name
 
 aten = torch.ops.aten
 
@@ -39,6 +40,9 @@ DROPOUT_OPS = (aten.dropout.default, aten.dropout_.default)
 # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 _BN_TRAINING = 5
 FUSED_TAG = "edgequant_fused_bn"
+# A BN channel whose running variance is below this fraction of its eps saw a constant
+# conv output: that channel's conv weights only ever multiplied zeros.
+DEAD_VARIANCE = 1e-3
 
 
 def _bn_args(bn: Node) -> list[Any]:
@@ -64,13 +68,8 @@ def fuse_conv_bn_for_qat(gm: GraphModule) -> int:
     """
     graph = gm.graph
     fused = 0
-    for bn in list(graph.nodes):
-        if bn.target != BN_OP:
-            continue
-        conv = bn.args[0]
+    for conv, bn in conv_bn_pairs(gm):
         args = _bn_args(bn)
-        if not isinstance(conv, Node) or conv.target not in CONV_OPS or len(conv.users) != 1:
-            continue
         if args[1] is None or args[4] is None:  # no affine weight or no running stats
             continue
         with graph.inserting_after(bn):
@@ -87,6 +86,44 @@ def fuse_conv_bn_for_qat(gm: GraphModule) -> int:
     graph.lint()
     gm.recompile()
     return fused
+
+
+def conv_bn_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
+    """(conv, BN) pairs of a captured graph where the BN reads only that conv's output."""
+    pairs = []
+    for bn in gm.graph.nodes:
+        conv = bn.args[0] if bn.target == BN_OP else None
+        if isinstance(conv, Node) and conv.target in CONV_OPS and len(conv.users) == 1:
+            pairs.append((conv, bn))
+    return pairs
+
+
+@torch.no_grad()
+def zero_dead_channels(gm: GraphModule) -> dict[str, list[int]]:
+    """Zero the conv weights of output channels whose BN saw a constant; return them by module.
+
+    A channel whose input is always zero (a dead channel upstream, typical for the
+    depthwise conv after a dead stem channel) has BN running variance ~0, so its fold
+    factor gamma / sqrt(var + eps) is ~1/sqrt(eps): its folded weights are hundreds of
+    times the others' and alone set a per-tensor weight range, rounding every other
+    channel to zero. They only ever multiply zeros, so zeroing them (and setting the
+    running mean to the conv bias) leaves BN's output, beta, unchanged in train and eval.
+    The graph's own tensors are edited: call it on a captured copy, never the user's model.
+    """
+    found: dict[str, list[int]] = {}
+    for conv, bn in conv_bn_pairs(gm):
+        _, _, _, mean_node, var_node, _, _, eps = _bn_args(bn)
+        var, mean, weight = _attr(gm, var_node), _attr(gm, mean_node), _attr(gm, conv.args[1])
+        if var is None or mean is None or weight is None:
+            continue
+        dead = torch.nonzero(var <= DEAD_VARIANCE * eps).flatten()
+        if not len(dead) or len(dead) == len(var):
+            continue  # nothing dead, or a layer that never saw data (leave it to the user)
+        weight[dead] = 0.0
+        bias = _attr(gm, conv.args[2]) if len(conv.args) > 2 else None
+        mean[dead] = 0.0 if bias is None else bias[dead]
+        found[module_name(conv) or conv.name] = dead.tolist()
+    return found
 
 
 def _fused_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:

@@ -11,8 +11,9 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from .batchnorm import WEIGHTED_OPS, fold_fused_bn, set_graph_training
+from .observers import FakeQuantize
 from .parity import DQ_OPS
-from .scales import qrange
+from .scales import qrange, to_grid
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -49,6 +50,7 @@ def convert(prepared: GraphModule) -> GraphModule:
     model, shared = _copy_sharing_tensors(prepared)
     set_graph_training(model, dropout=False, batchnorm=False)
     fold_fused_bn(model)
+    rerange_weights(model)
     model = convert_pt2e(model, fold_quantize=True)
     _unshare(model, shared)
     quantize_biases(model)
@@ -57,6 +59,30 @@ def convert(prepared: GraphModule) -> GraphModule:
     for attr in ("train", "eval"):
         model.__dict__.pop(attr, None)
     return model.eval()
+
+
+def rerange_weights(model: GraphModule) -> int:
+    """Give each QAT weight quantizer the range of the weight it now quantizes.
+
+    During training a weight quantizer ranges the weight of its last forward pass,
+    folded with BN's statistics of that moment; the optimizer step and BN's update
+    come after. The integer model quantizes the final folded weights, so their own
+    range is the one that clips nothing (unless ranges were frozen: then the frozen one).
+    New tensors are assigned, never written into: the prepared model shares them.
+    """
+    done = 0
+    for node in model.graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(source, Node) and source.op == "get_attr"):
+            continue
+        fq = model.get_submodule(node.target)
+        obs = getattr(fq, "activation_post_process", None)
+        if not isinstance(fq, FakeQuantize) or fq.is_frozen or obs.averaging_constant != 1.0:
+            continue
+        low, high = obs.extremes(operator.attrgetter(source.target)(model))
+        obs.min_val, obs.max_val = low, high
+        done += 1
+    return done
 
 
 def _dq_scale(node: object) -> torch.Tensor | None:
@@ -80,7 +106,7 @@ def int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
     overflow = float((bias / scale).abs().max()) / INT32_MAX
     if overflow > 1.0:
         scale = scale * 2.0 ** math.ceil(math.log2(overflow))
-    return torch.clamp(torch.round(bias / scale), INT32_MIN, INT32_MAX).to(torch.int32), scale
+    return torch.clamp(to_grid(bias, scale), INT32_MIN, INT32_MAX).to(torch.int32), scale
 
 
 def quantize_biases(model: GraphModule) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
 
 from .files import atomic_path, check_writable
 from .parity import ParityError, ParityReport, compare, reexport, session
@@ -72,12 +73,36 @@ def flatten_outputs(model: GraphModule) -> GraphModule:
     return model
 
 
+def check_eval(converted: GraphModule, inputs: tuple[torch.Tensor, ...], eval_outputs: object) -> tuple[float, float]:
+    """(max |diff|, top-1 agreement) of the wrapper's eval outputs vs the converted model.
+
+    Eval mode runs the integer model, so the two must be equal bit for bit; anything
+    else means eval shows an accuracy that is not the exported model's.
+    """
+    with torch.no_grad():
+        expected = tree_leaves(converted(*inputs))
+    seen = tree_leaves(eval_outputs)
+    worst, agree, total = 0.0, 0, 0
+    for e, s in zip(expected, seen, strict=True):
+        worst = max(worst, float((e - s).abs().max())) if e.numel() else worst
+        if e.dim() >= 2 and e.shape[1] > 1:
+            agree += int((e.argmax(1) == s.argmax(1)).reshape(e.shape[0], -1).all(1).sum())
+            total += e.shape[0]
+    if worst != 0.0:
+        raise ParityError(
+            f"eval mode of the wrapper differs from convert() by up to {worst:g}: the accuracy seen in eval "
+            "would not be the exported model's. Please report this as a bug."
+        )
+    return worst, agree / total if total else 1.0
+
+
 def export_onnx(
     converted: GraphModule,
     example_inputs: tuple[torch.Tensor, ...],
     path: str | os.PathLike,
     scheme: Scheme,
     opset: int | None = None,
+    eval_outputs: object = None,
 ) -> ExportResult:
     """Export with a dynamic batch, check it in onnxruntime, then move it into place.
 
@@ -89,6 +114,7 @@ def export_onnx(
     """
     path = check_writable(path)
     opset = choose_opset(converted, opset)
+    agreement = None if eval_outputs is None else check_eval(converted, example_inputs, eval_outputs)
     converted = flatten_outputs(converted.eval())
     program, reference = reexport(converted, tuple(example_inputs))
     with warnings.catch_warnings():
@@ -99,6 +125,8 @@ def export_onnx(
         del onnx_program  # its in-memory copy of the weights; onnxruntime reads the file
         try:
             parity = compare(str(tmp), reference, tuple(example_inputs), session(str(tmp)))
+            if agreement is not None:
+                parity = replace(parity, eval_agreement=agreement)
         except ParityError as error:
             # Keep the disagreeing file for inspection, under a name nobody deploys by accident.
             rejected = path.with_name(f"{path.stem}.rejected.onnx")

@@ -27,8 +27,9 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .batchnorm import DEAD_VARIANCE
 from .capture import CaptureError, capture, check_example_inputs
-from .quantizer import module_name
+from .graphutils import module_name
 from .scales import qrange, symmetric_scale
 
 DOC = "docs/guidelines.md"
@@ -132,6 +133,7 @@ def check(
     layout = _graph_layout(model, graph) if graph is not None else _order_layout(model)
     findings += _conv_without_bn(model, layout)
     findings += _depthwise_heavy(model)
+    findings += _dead_channels(model, layout)
     findings += _weight_ranges(model, layout)
     if example_inputs is not None:
         untrained = _untrained_bn(model)
@@ -343,6 +345,37 @@ def _folded_weight(conv: nn.Module, bn: _BatchNorm | None) -> tuple[torch.Tensor
     return w * factor.view(-1, *([1] * (w.dim() - 1))), factor
 
 
+def _dead(bn: _BatchNorm) -> list[int]:
+    """Channels whose BN saw a constant (running variance ~0), unless every channel did (untrained)."""
+    if bn.running_var is None:
+        return []
+    dead = torch.nonzero(bn.running_var <= DEAD_VARIANCE * bn.eps).flatten().tolist()
+    return dead if len(dead) < len(bn.running_var) else []
+
+
+def _dead_channels(model: nn.Module, layout: _Layout) -> list[Finding]:
+    modules = dict(model.named_modules())
+    findings = []
+    for name, module in _leaves(model):
+        bn_name = _bn_after(name, modules, layout) if isinstance(module, _WEIGHTED) else None
+        dead = _dead(modules[bn_name]) if bn_name else []
+        if dead:
+            shown = ", ".join(map(str, dead[:8])) + (" ..." if len(dead) > 8 else "")
+            findings.append(
+                Finding(
+                    "warning",
+                    "dead-channel",
+                    (name,),
+                    f"output channel{'s' if len(dead) > 1 else ''} {shown} {'have' if len(dead) > 1 else 'has'} "
+                    f"running variance ~0 in {bn_name}: the layer's output there is constant on the training "
+                    "data, usually because its input channel is dead (a ReLU that never fires, often after a "
+                    "too-high learning rate). Folded, those weights are ~1/sqrt(eps) times too large; PTQModule "
+                    "and QATModule zero them (the function is unchanged), so they no longer set the layer's range.",
+                )
+            )
+    return findings
+
+
 def _weight_ranges(model: nn.Module, layout: _Layout) -> list[Finding]:
     modules = dict(model.named_modules())
     findings = []
@@ -352,6 +385,8 @@ def _weight_ranges(model: nn.Module, layout: _Layout) -> list[Finding]:
         bn_name = _bn_after(name, modules, layout)
         bn = modules[bn_name] if bn_name else None
         w, factor = _folded_weight(module, bn)
+        if bn is not None and _dead(bn):
+            w[_dead(bn)] = 0.0  # what the wrappers run (see dead-channel)
         spread = _spread(w)
         if not spread.too_wide:
             continue

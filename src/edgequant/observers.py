@@ -195,9 +195,8 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max, clip_mask):
-        # x * (1 / scale), as torchao's quantize op computes it; exact for power-of-2 scales.
-        q = torch.mul(x, torch.reciprocal(scale)).round_()
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, clip_mask, power_of_2):
+        q = scales.to_grid(x, scale, power_of_2)
         if zero_point is not None:
             q += zero_point
         ctx.clip_mask = clip_mask
@@ -217,7 +216,7 @@ class _FakeQuant(torch.autograd.Function):
             (mask,) = ctx.saved_tensors
             # One pass; grad * mask would first convert the mask to float.
             grad = torch.where(mask, grad, 0.0)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _scaled_abs_max(w: torch.Tensor, factor: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -292,7 +291,7 @@ class FakeQuantize(_TorchaoFakeQuantize):
             zero_point = None if zero_point is None else zero_point.reshape(shape)
         # Weights re-ranged on this very tensor are never clipped: no clip mask needed.
         clip_mask = not (observing and obs.averaging_constant == 1.0 and obs.symmetric)
-        return _FakeQuant.apply(x, scale, zero_point, obs.quant_min, obs.quant_max, clip_mask)
+        return _FakeQuant.apply(x, scale, zero_point, obs.quant_min, obs.quant_max, clip_mask, obs.power_of_2)
 
     def freeze(self) -> None:
         """Stop range updates for good: later `train()` calls won't re-enable them."""

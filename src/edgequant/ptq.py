@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,11 +14,13 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
-from .batchnorm import CONV_OPS, WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training
+from .batchnorm import CONV_OPS, WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
 from .equalization import equalize
+from .errors import NonFiniteError
+from .graphutils import module_name
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
 from .scheme import Scheme
@@ -60,6 +63,16 @@ class PTQConfig:
             )
 
 
+def check_finite_inputs(args: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a batch with NaN or Inf before any range sees it."""
+    for i, x in enumerate(args):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(
+                f"input {i} of this batch contains NaN or Inf; ranges would be ruined. Clean the data "
+                "(for calibration: calibrate(data, skip_nonfinite=True) skips such batches)"
+            )
+
+
 def _inputs_of(batch: object) -> tuple[torch.Tensor, ...]:
     """The model inputs of a batch: a tensor, or the first item of an (inputs, labels) pair."""
     if isinstance(batch, torch.Tensor):
@@ -89,9 +102,11 @@ class PTQModule(QuantWrapper):
         self.config = config or PTQConfig()
         self._float = capture(model, self.example_inputs)
         set_graph_training(self._float, dropout=False, batchnorm=False)
+        # Dead channels (BN running variance ~0) are zeroed on the float graph: exact, see batchnorm.py.
+        self.dead_channels = zero_dead_channels(self._float)
         self.model = self._prepare(self._float)
         self.register_buffer("calibrated_samples", torch.tensor(0, dtype=torch.int64))
-        self._set_quantized(None)
+        self._drop_integer_model()
 
     @property
     def equalizes(self) -> bool:
@@ -160,7 +175,7 @@ class PTQModule(QuantWrapper):
                 if skip_nonfinite:
                     skipped += 1
                     continue
-                raise ValueError(
+                raise NonFiniteError(
                     f"calibration batch {index} contains NaN or Inf; clean the data or pass skip_nonfinite=True"
                 )
             batches.append(tuple(x.detach() for x in inputs))
@@ -202,17 +217,29 @@ class PTQModule(QuantWrapper):
                 if obs.symmetric:
                     obs.start_histogram(cfg.range_estimator, cfg.percentile)
             self._run(batches, f"calibrate ranges ({cfg.range_estimator})", progress)
+        self._check_ranges()
         if cfg.bias_correction:
             correct_biases(self.model)
         return self.eval()
 
-    def _set_quantized(self, model: GraphModule | None) -> None:
-        # A cache, not part of the module: kept out of state_dict(), children() and parameters().
-        self.__dict__["_quantized"] = model
-
-    def _apply(self, fn: Any, recurse: bool = True) -> PTQModule:
-        self._set_quantized(None)  # .to(device) / .half(): rebuild the integer model from the moved graph
-        return super()._apply(fn, recurse)
+    def _check_ranges(self) -> None:
+        """Raise, naming the layer, if calibration left a NaN or infinite range (an overflow)."""
+        for node in self.model.graph.nodes:
+            if node.op != "call_module":
+                continue
+            obs = self.model.get_submodule(node.target)
+            if not isinstance(obs, RangeObserver):
+                continue
+            low, high = obs.min_val, obs.max_val
+            # Never observed reads (+inf, -inf); an overflow or NaN reads otherwise.
+            if bool((torch.isnan(low) | torch.isnan(high) | (low == -math.inf) | (high == math.inf)).any()):
+                source = node.args[0]
+                layer = module_name(source) or source.name
+                raise NonFiniteError(
+                    f"calibration found NaN or Inf in the output of layer `{layer}` although the inputs were "
+                    "finite: the float model overflows there. Check the weights (eq.check) and the input scaling",
+                    layer=layer,
+                )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load ranges and weights; a calibrated state puts the module in eval (quantized) mode.
@@ -220,27 +247,20 @@ class PTQModule(QuantWrapper):
         In train mode every forward pass would widen the loaded ranges.
         """
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._set_quantized(None)
+        self._drop_integer_model()
         if int(self.calibrated_samples):
             self.eval()
         return result
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.training:
-            for i, x in enumerate(args):
-                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                    raise ValueError(
-                        f"input {i} contains NaN or Inf; ranges would be ruined. Clean the data, or use "
-                        "calibrate(data, skip_nonfinite=True) to skip such batches"
-                    )
-            self._set_quantized(None)
+            check_finite_inputs(args)
+            self._drop_integer_model()
             self.calibrated_samples += args[0].shape[0]
             return self.model(*args)
         if not int(self.calibrated_samples):
             raise RuntimeError("PTQModule has no ranges yet: call calibrate(data) (or run batches in train mode) first")
-        if self._quantized is None:
-            self._set_quantized(self.convert())
-        return self._quantized(*args)
+        return self.integer_model()(*args)
 
     def float_model(self) -> GraphModule:
         """The float graph as calibration left it (BN folded, equalized, bias-corrected).

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-from .batchnorm import attach_bn_factors, set_graph_training
+from .batchnorm import attach_bn_factors, set_graph_training, zero_dead_channels
 from .capture import capture
+from .errors import NonFiniteError
+from .graphutils import module_name
 from .observers import FakeQuantize
-from .ptq import PTQModule
+from .ptq import PTQConfig, PTQModule, check_finite_inputs
 from .quantizer import EdgeQuantizer
 from .schedule import FreezeSchedule
 from .scheme import Scheme
@@ -27,8 +30,16 @@ class QATModule(QuantWrapper):
     activations; gradients pass straight through the rounding. Each call to
     ``train()`` after some training steps starts a new epoch, and
     `FreezeSchedule(total_epochs)` decides when BN statistics and then ranges
-    freeze. ``eval()`` is deterministic: BN uses running statistics and ranges
-    don't move.
+    freeze. ``eval()`` runs the integer model itself (`integer_model()`, the one
+    `export()` writes), so the accuracy measured in eval is the deployed one, bit
+    for bit; it is rebuilt whenever the weights or ranges have changed.
+
+    With ``calibration_data`` (a few hundred unlabelled samples, as for PTQ) QAT
+    starts from the PTQ recipe: BN folded, dead channels zeroed, cross-layer
+    equalization for per-tensor schemes, calibrated ranges. Without it, ranges start
+    from the example inputs and dead channels (BN running variance ~0) are zeroed.
+
+    A NaN or Inf in a training step raises `NonFiniteError` naming the layer.
 
     Under DistributedDataParallel (any time torch.distributed is initialized with
     more than one rank during a training step) activation ranges and BN batch
@@ -44,32 +55,48 @@ class QATModule(QuantWrapper):
         scheme: str | Scheme = "int8_pow2",
         total_epochs: int | None = None,
         sync: bool = True,
+        calibration_data: Iterable | None = None,
+        ptq_config: PTQConfig | None = None,
     ) -> None:
         super().__init__(example_inputs, scheme)
+        training, ptq = model.training, None
+        if calibration_data is not None:
+            ptq = PTQModule(model, self.example_inputs, self.scheme, ptq_config).calibrate(calibration_data)
+            model = ptq.float_model()
         self.schedule = FreezeSchedule(total_epochs)
         self._sync = sync
         graph = capture(model, self.example_inputs)
+        self.dead_channels = zero_dead_channels(graph) if ptq is None else ptq.dead_channels
         self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
         attach_bn_factors(self.model)
         # [epoch, trained-since-last-train()-call]; a buffer so checkpoints resume the schedule.
         self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
         self._init_ranges()
+        if ptq is not None:
+            self._take_ranges(ptq)
         # Weight quantizers need no reduction: DDP keeps weights (and synced BN statistics) equal.
         for fq in self.activation_quantizers():
             fq.activation_post_process.sync_across_ranks = sync
-        self.train(model.training)
+        self.train(training)
 
     @classmethod
     def from_ptq(cls, ptq: PTQModule, total_epochs: int | None = None, sync: bool = True) -> QATModule:
         """Start QAT from a calibrated PTQModule: its folded, equalized weights and its ranges.
 
         BN is already folded there, so only the range-freezing part of the schedule applies.
+        ``QATModule(model, ..., calibration_data=data)`` does the same in one step.
         """
         if not int(ptq.calibrated_samples):
             raise ValueError("the PTQModule is not calibrated yet: call calibrate(data) first")
         qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync)
+        qmodel._take_ranges(ptq)
+        qmodel.dead_channels = ptq.dead_channels
+        return qmodel
+
+    @torch.no_grad()
+    def _take_ranges(self, ptq: PTQModule) -> None:
         sources = ptq.activation_observers()
-        targets = [fq for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]
+        targets = self.activation_quantizers()
         if len(sources) != len(targets):
             raise RuntimeError(f"cannot match {len(sources)} PTQ ranges to {len(targets)} QAT quantizers")
         for source, target in zip(sources, targets, strict=True):
@@ -85,7 +112,7 @@ class QATModule(QuantWrapper):
             new_scale, new_zero_point = obs.qparams()
             target.scale.copy_(new_scale)
             target.zero_point.copy_(new_zero_point)
-        return qmodel
+        self._drop_integer_model()
 
     @property
     def epoch(self) -> int:
@@ -108,14 +135,17 @@ class QATModule(QuantWrapper):
         return [m for m in self.model.modules() if isinstance(m, FakeQuantize)]
 
     def activation_quantizers(self) -> list[FakeQuantize]:
-        """The quantizers of activations (inputs that are not the model's own weights)."""
+        """The quantizers of activations (inputs that are not the model's own weights), in graph order."""
+        return [fq for _, fq in self._activation_quantizer_nodes()]
+
+    def _activation_quantizer_nodes(self) -> list[tuple[Node, FakeQuantize]]:
         found = []
         for node in self.model.graph.nodes:
             source = node.args[0] if node.op == "call_module" and node.args else None
             if isinstance(source, Node) and source.op != "get_attr":
                 module = self.model.get_submodule(node.target)
                 if isinstance(module, FakeQuantize):
-                    found.append(module)
+                    found.append((node, module))
         return found
 
     @torch.no_grad()
@@ -128,6 +158,7 @@ class QATModule(QuantWrapper):
         self.model(*self.example_inputs)
 
     def train(self, mode: bool = True) -> QATModule:
+        self._drop_integer_model()
         if mode and not self.training and self.qat_state[1]:
             self.qat_state[0] += 1
             self.qat_state[1] = 0
@@ -150,7 +181,37 @@ class QATModule(QuantWrapper):
         self.train(self.training)  # apply the loaded epoch's freezing to the graph now
         return result
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+    def forward(self, *args: torch.Tensor) -> Any:
+        if not self.training:
+            return self.integer_model()(*args)
+        check_finite_inputs(args)
+        if torch.is_grad_enabled():
             self.qat_state[1] = 1
-        return self.model(*args)
+        out = self.model(*args)
+        if not all(bool(torch.isfinite(t).all()) for t in tree_leaves(out) if t.is_floating_point()):
+            raise self._nonfinite_error()
+        return out
+
+    def _nonfinite_error(self) -> NonFiniteError:
+        """Where a training step's NaN / Inf came from, in the user's terms."""
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return NonFiniteError(
+                    f"parameter `{name}` holds NaN or Inf: training diverged at the previous optimizer step. "
+                    "Lower the learning rate (or clip gradients) and resume from the last checkpoint",
+                    layer=name,
+                )
+        for node, fq in self._activation_quantizer_nodes():
+            obs = fq.activation_post_process
+            if not bool(torch.isfinite(obs.min_val).all() and torch.isfinite(obs.max_val).all()):
+                layer = module_name(node.args[0]) or node.args[0].name
+                return NonFiniteError(
+                    f"the output of layer `{layer}` overflowed to NaN or Inf, which ruined its quantization "
+                    "range. Usual causes: a learning rate too high, or a dead channel whose BN fold factor "
+                    "is huge (see eq.check). Lower the learning rate and resume from the last checkpoint",
+                    layer=layer,
+                )
+        return NonFiniteError(
+            "the model's output holds NaN or Inf although every range and weight is finite: an op after "
+            "the last quantizer overflowed. Check the model's head and the learning rate"
+        )

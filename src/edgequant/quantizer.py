@@ -28,6 +28,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from .batchnorm import CONV_OPS, FUSED_BN_OP, FUSED_TAG, WEIGHTED_OPS, fuse_conv_bn_for_qat
 from .equalization import BOUND_OP
+from .graphutils import module_name
 from .observers import FakeQuantize, RangeObserver
 from .scales import qrange
 from .scheme import Scheme
@@ -157,12 +158,6 @@ def _is_tensor(node: object) -> bool:
 
 def _sole_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def module_name(node: Node) -> str:
-    """Qualified name of the innermost module a node came from ('' for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def is_depthwise(node: Node) -> bool:

@@ -81,6 +81,13 @@ def _hints(report: AnalysisReport) -> list[str]:
             f"{report.input_outside_range_pct:.1f} % of the model input values in the evaluation data lie outside "
             "the range seen in calibration: do both go through the same preprocessing (normalization, scaling)?"
         )
+    if report.dead_channels:
+        where = ", ".join(f"{name} {channels}" for name, channels in list(report.dead_channels.items())[:4])
+        hints.append(
+            f"dead channels (BN running variance ~0) in {len(report.dead_channels)} layer(s): {where}. Their "
+            "weights only multiply zeros and were zeroed before quantizing; retrain with a lower learning rate "
+            "to get them back (docs/guidelines.md#dead-channel)."
+        )
     clipped = [layer for layer in report.layers if layer.output_outside_range_pct > OUTSIDE_WARNING_PCT]
     if clipped:
         names = ", ".join(layer.name for layer in sorted(clipped, key=lambda x: x.position)[:5])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,13 @@ def cache_dir() -> Path:
     return path
 
 
-def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+def build_model(name: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module:
     """A randomly initialised torchvision classifier (weights are never downloaded)."""
     try:
         factory = torchvision.models.get_model_builder(name)
     except ValueError:
         raise ValueError(f"unknown torchvision model {name!r}") from None
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return factory(weights=None, num_classes=num_classes)
 
 
@@ -80,11 +81,56 @@ def onnx_accuracy(path: str | os.PathLike, loader: Iterable) -> float:
     return 100.0 * correct / total
 
 
-# Per-model peak learning rate of the float recipe; regnet prefers a gentler one.
+# Per-model peak learning rate of the default recipe; regnet prefers a gentler one.
 _PEAK_LR = {"regnet_x_400mf": 0.02}
 FLOAT_EPOCHS = 15
-# Part of the cache key: bump it whenever the float recipe changes.
+# Part of the default recipe's cache key: bump it whenever that recipe changes.
 RECIPE = "r2"
+
+
+@dataclass(frozen=True)
+class FloatRecipe:
+    """How a float digits model is trained: the recipes users really run, as data.
+
+    Quantization results depend on the checkpoint as much as on the method, so the
+    benchmarks measure populations of checkpoints trained in several of these ways.
+    ``lr`` None takes the default per-model peak learning rate.
+    """
+
+    name: str
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adam"
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    one_cycle: bool = True
+    epochs: int = FLOAT_EPOCHS
+    seed: int = 0
+
+    def peak_lr(self, model_name: str) -> float:
+        return self.lr if self.lr is not None else _PEAK_LR.get(model_name, 0.05)
+
+    def cache_name(self, model_name: str) -> str:
+        if self.name == "default":  # the file name checkpoints have always had
+            return f"{model_name}_digits_e{self.epochs}_{RECIPE}.pt"
+        return f"{model_name}_digits_{self.name}_{RECIPE}.pt"
+
+
+DEFAULT_RECIPE = FloatRecipe("default")
+# The population of the benchmarks: each recipe is one a user might have trained with.
+RECIPES: dict[str, FloatRecipe] = {
+    r.name: r
+    for r in (
+        DEFAULT_RECIPE,
+        # Ten times the peak learning rate: kills channels (dead ReLUs, BN variance 0).
+        FloatRecipe("high_lr", lr=0.5),
+        # Adam without weight decay: outlier weights, wide per-tensor ranges.
+        FloatRecipe("adam_no_wd", optimizer="adam", lr=1e-3, weight_decay=0.0, label_smoothing=0.0),
+        # A short run: BN statistics and weights far from converged.
+        FloatRecipe("short", epochs=3),
+        # Another seed, no label smoothing: more confident logits.
+        FloatRecipe("seed1_no_ls", label_smoothing=0.0, seed=1),
+    )
+}
 
 
 def _shift(x: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
@@ -113,30 +159,47 @@ def _recompute_bn_statistics(model: nn.Module, loader: Iterable) -> None:
         bn.momentum = momentum
 
 
-def float_digits_model(name: str, epochs: int = FLOAT_EPOCHS, progress: bool = True) -> nn.Module:
+def float_digits_model(
+    name: str, epochs: int = FLOAT_EPOCHS, progress: bool = True, recipe: FloatRecipe | str = DEFAULT_RECIPE
+) -> nn.Module:
     """A torchvision model trained on digits; trained once, then loaded from the cache.
 
-    The recipe follows docs/guidelines.md: SGD with momentum, weight decay 5e-4 on all
-    parameters, one-cycle learning rate, light label smoothing and random shifts.
+    The default recipe follows docs/guidelines.md: SGD with momentum, weight decay 5e-4
+    on all parameters, one-cycle learning rate, light label smoothing and random shifts;
+    `epochs` overrides its length. Other recipes (`RECIPES`) train as they say.
     """
-    path = cache_dir() / f"{name}_digits_e{epochs}_{RECIPE}.pt"
-    model = build_model(name)
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    if recipe == DEFAULT_RECIPE:
+        recipe = replace(recipe, epochs=epochs)
+    path = cache_dir() / recipe.cache_name(name)
+    model = build_model(name, seed=recipe.seed)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     loader = digits_loader("train", batch_size=64)
-    lr = _PEAK_LR.get(name, 0.05)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    generator = torch.Generator().manual_seed(0)
+    lr = recipe.peak_lr(name)
+    if recipe.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=recipe.weight_decay, nesterov=True
+        )
+    schedule = (
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=recipe.epochs, steps_per_epoch=len(loader))
+        if recipe.one_cycle
+        else None
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    for _ in tqdm(range(epochs), desc=f"float {name}", disable=None if progress else True):
+    desc = f"float {name}" + ("" if recipe == DEFAULT_RECIPE else f" ({recipe.name})")
+    for _ in tqdm(range(recipe.epochs), desc=desc, disable=None if progress else True):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(_shift(x, generator)), y).backward()
             optimizer.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
     _recompute_bn_statistics(model, loader)
     model.eval()
     tmp = path.with_suffix(".tmp")

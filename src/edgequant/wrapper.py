@@ -60,7 +60,41 @@ class QuantWrapper(nn.Module):
         """The integer model: BN folded, int8 weights, int32 biases, Q/DQ activations."""
         return convert(self.model)
 
+    def _state_key(self) -> tuple[tuple[int, int], ...]:
+        # Any in-place change of a parameter (an optimizer step) bumps its version.
+        return tuple((id(p), p._version) for p in self.parameters())
+
+    def integer_model(self) -> GraphModule:
+        """`convert()`, cached until the wrapper's state changes: what eval mode runs.
+
+        Eval runs the very model that is exported, so the accuracy seen in eval is the
+        deployed accuracy, bit for bit.
+        """
+        cached = self.__dict__.get("_integer")
+        key = self._state_key()
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.convert())
+            # A cache, not part of the module: kept out of state_dict(), children() and parameters().
+            self.__dict__["_integer"] = cached
+        return cached[1]
+
+    def _drop_integer_model(self) -> None:
+        self.__dict__["_integer"] = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Self:
+        self._drop_integer_model()  # .to(device) / .half(): rebuild the integer model from the moved graph
+        return super()._apply(fn, recurse)
+
     def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
-        """Write QDQ ONNX (plus TIDL files) after checking it in onnxruntime against `convert()`."""
+        """Write QDQ ONNX (plus TIDL files) after checking it in onnxruntime against `convert()`.
+
+        The check covers the three views a user has of the model: eval mode of this
+        wrapper, `convert()`, and onnxruntime on the file.
+        """
         check_writable(path)  # before the conversion, which takes a while on large models
-        return export_onnx(self.convert(), batch_of_two(self.example_inputs), path, self.scheme, opset)
+        inputs = batch_of_two(self.example_inputs)
+        converted = self.convert()
+        with torch.no_grad():
+            seen = self.integer_model()(*inputs)  # what eval mode computes
+        return export_onnx(converted, inputs, path, self.scheme, opset, eval_outputs=seen)

@@ -1,0 +1,19 @@
+"""The errors edgequant raises on purpose, so that callers can catch them by kind."""
+
+from __future__ import annotations
+
+
+class EdgequantError(Exception):
+    """Base of the errors edgequant raises about the user's model, data or files."""
+
+
+class NonFiniteError(EdgequantError, ValueError):
+    """A NaN or Inf reached a quantizer: its range (and everything after it) is ruined.
+
+    `layer` names the module where it was found first, or is "" when the input itself
+    was not finite.
+    """
+
+    def __init__(self, message: str, layer: str = "") -> None:
+        super().__init__(message)
+        self.layer = layer
