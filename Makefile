@@ -35,3 +35,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# Peer PTQ tools for benchmarks/ptq_population.py in a venv of their own, never the library's
+# dependencies; pip (not uv) takes torch 2.14.1 from local disk and constraints.txt keeps it there.
+PEERS_VENV := .venv-peers
+
+.PHONY: bench-peers
+bench-peers:
+	test -x $(PEERS_VENV)/bin/python || python3.11 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -c constraints.txt -e .
+	$(PEERS_VENV)/bin/pip install --quiet -c constraints.txt -r benchmarks/peers-requirements.txt
+	$(PEERS_VENV)/bin/python benchmarks/peers.py --list

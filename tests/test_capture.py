@@ -32,6 +32,19 @@ def test_untraceable_module_is_named_with_reason_and_fix():
     assert len(text.splitlines()) < 10  # a message, not a trace
 
 
+def test_capture_failure_prints_nothing_of_torch_but_keeps_its_log(capfd, monkeypatch):
+    monkeypatch.delenv("EDGEQUANT_DEBUG", raising=False)
+    with pytest.raises(CaptureError) as info:
+        capture(Net(), (torch.randn(2, 3, 8, 8),))
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    assert "def forward" in info.value.torch_log  # torch's graph dump, held for debugging
+    monkeypatch.setenv("EDGEQUANT_DEBUG", "1")
+    with pytest.raises(CaptureError):
+        capture(Net(), (torch.randn(2, 3, 8, 8),))
+    assert "def forward" in capfd.readouterr().err
+
+
 class FixedBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 
@@ -59,4 +60,39 @@ def test_strip_int16_leaves_a_float_graph_that_matches(tmp_path):
     with torch.no_grad():
         reference = model(x).numpy()
     # 16-bit quantization error only: tiny against the float model
+    assert np.abs(out - reference).max() < 1e-2 * np.abs(reference).max()
+
+
+class SqueezeExcite(torch.nn.Module):
+    """conv -> hardswish, a squeeze-excitation gate (x * hardsigmoid(...)), mobilenet_v3's classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = torch.nn.Conv2d(8, 4, 1)
+        self.excite = torch.nn.Conv2d(4, 8, 1)
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Hardswish(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 4)
+        )
+
+    def forward(self, x):
+        x = torch.nn.functional.hardswish(self.conv(x))
+        gate = torch.nn.functional.hardsigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        return self.classifier((x * gate).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scheme", ["int16", "int16_pow2"])
+@pytest.mark.parametrize("net", [Net, SqueezeExcite])
+def test_int16_exports_strip_to_a_valid_float_graph(net, scheme, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = net().eval()
+    qmodel = eq.PTQModule(model, (x,), scheme).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "m.onnx")
+    assert result.tidl_path is not None
+    stripped = onnx.load(str(result.tidl_path))
+    onnx.checker.check_model(stripped)  # topologically sorted, every input defined
+    out = run_onnx(session(str(result.tidl_path)), (x,))[0]
+    with torch.no_grad():
+        reference = model(x).numpy()
     assert np.abs(out - reference).max() < 1e-2 * np.abs(reference).max()

@@ -1,4 +1,7 @@
+import warnings
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
@@ -77,3 +80,122 @@ def test_ptq_eval_is_deterministic_and_moving_the_module_rebuilds_the_integer_mo
         assert qmodel.__dict__["_integer"] is None and torch.equal(first, qmodel(x))
     assert qmodel.integer_model() is not cached
     assert not any(k.startswith("_integer") for k in qmodel.state_dict())
+
+
+class FullyConv(nn.Module):
+    """conv-BN-ReLU, a strided conv, a 1x1 prediction conv: runs at any input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(self.body(x))))
+
+
+def test_a_wrong_input_size_is_one_line_that_says_what_to_do():
+    x = torch.randn(4, 3, 32, 32)
+    for qmodel in (
+        eq.PTQModule(Residual().eval(), (x,)).calibrate([x], progress=False),
+        eq.QATModule(Residual(), (x,)),
+    ):
+        for bad, shown in (
+            (torch.randn(2, 3, 64, 64), "(2, 3, 64, 64)"),
+            (torch.randn(2, 1, 32, 32), "(2, 1, 32, 32)"),
+        ):
+            with torch.no_grad(), pytest.raises(eq.InputShapeError) as info:
+                qmodel(bad)
+            message = str(info.value)
+            assert message == (
+                f"captured for inputs of shape (N, 3, 32, 32); got {shown} for input 0: pass example_inputs at the "
+                "size you run, or dynamic_spatial=True for a fully convolutional model"
+            )
+        with pytest.raises(eq.InputShapeError, match="captured with 1 input"):
+            qmodel(x, x)
+
+
+def test_dynamic_spatial_runs_and_calibrates_at_several_sizes(tmp_path):
+    torch.manual_seed(0)
+    small, large = torch.randn(4, 3, 16, 16), torch.randn(2, 3, 40, 24)  # sizes from 8 up
+    model = FullyConv().eval()
+    qmodel = eq.PTQModule(model, (small,), "int8_pow2", dynamic_spatial=True)
+    qmodel.calibrate([small, large], progress=False)
+    with torch.no_grad():
+        assert qmodel(large).shape == (2, 2, 20, 12) and qmodel(small).shape == (4, 2, 8, 8)
+        reference = model(large)
+        # the integer model at the other size, within the quantization error of the float one
+        assert float((qmodel(large) - reference).abs().max()) < 0.1 * float(reference.abs().max())
+    with pytest.raises(eq.InputShapeError, match=r"\(N, 3, H, W\); got \(2, 1, 16, 16\)"):
+        qmodel(torch.randn(2, 1, 16, 16))
+    result = qmodel.export(tmp_path / "m.onnx")  # static again, at the example size
+    assert result.parity.max_abs_diff == 0.0
+    qat = eq.QATModule(model, (small,), dynamic_spatial=True).train()
+    assert qat(large).shape == (2, 2, 20, 12)
+
+
+def test_dynamic_spatial_refuses_a_model_fixed_to_one_size():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+    with pytest.raises(eq.CaptureError, match="does not run at every input size"):
+        eq.PTQModule(model, (torch.randn(2, 3, 8, 8),), dynamic_spatial=True)
+
+
+def test_an_uncalibrated_ptq_module_refuses_to_evaluate_convert_or_export(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.PTQModule(Residual().eval(), (x,)).eval()
+    for action in (lambda: qmodel(x), qmodel.convert, lambda: qmodel.export(tmp_path / "m.onnx")):
+        with pytest.raises(eq.NotCalibratedError, match=r"call calibrate\(data\)"):
+            action()
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(eq.NotCalibratedError):
+        eq.QATModule.from_ptq(qmodel)
+
+
+def test_exporting_qat_before_any_step_warns_that_it_holds_the_initial_ranges(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.QATModule(Residual(), (x,)).eval()
+    with pytest.warns(eq.InitialRangesWarning, match="before any training step"):
+        qmodel.export(tmp_path / "m.onnx")
+    qmodel.train()
+    qmodel(x).sum().backward()
+    qmodel.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", eq.InitialRangesWarning)
+        qmodel.export(tmp_path / "m.onnx")
+
+
+class TwoInputs(nn.Module):
+    """An image and a second map (say depth), fused by concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rgb = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.depth = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.rgb(a), self.depth(b)], 1))
+
+
+def test_two_input_model_calibrates_trains_and_exports_with_parity(tmp_path):
+    torch.manual_seed(0)
+    a, b, labels = torch.randn(16, 3, 8, 8), torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    model = TwoInputs().eval()
+    batches = [(a[:8], b[:8], labels[:8]), (a[8:], b[8:])]  # with and without labels
+    ptq = eq.PTQModule(model, (a[:4], b[:4])).calibrate(batches, progress=False)
+    assert int(ptq.calibrated_samples) == 16
+    result = ptq.export(tmp_path / "ptq.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    ort_out = run_onnx(session(str(result.path)), (a, b))[0]
+    with torch.no_grad():
+        assert np.array_equal(ort_out, ptq(a, b).numpy())
+    with pytest.raises(TypeError, match="must be a tuple of 2 tensors"):
+        eq.PTQModule(model, (a[:4], b[:4])).calibrate([a], progress=False)
+    qat = eq.QATModule(model, (a[:4], b[:4]), calibration_data=batches, total_epochs=1)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    qat.train()
+    nn.functional.cross_entropy(qat(a, b), labels).backward()
+    optimizer.step()
+    qat.eval()
+    assert qat.export(tmp_path / "qat.onnx").parity.max_abs_diff == 0.0

@@ -11,7 +11,13 @@ import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_de
 from .analysis import AnalysisReport, analyze  # noqa: E402
 from .capture import CaptureError  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
-from .errors import EdgequantError, NonFiniteError  # noqa: E402
+from .errors import (  # noqa: E402
+    EdgequantError,
+    InitialRangesWarning,
+    InputShapeError,
+    NonFiniteError,
+    NotCalibratedError,
+)
 from .export import ExportResult  # noqa: E402
 from .guidelines import Finding, check  # noqa: E402
 from .parity import ParityError, ParityReport  # noqa: E402
@@ -30,7 +36,10 @@ __all__ = [
     "ExportResult",
     "Finding",
     "FreezeSchedule",
+    "InitialRangesWarning",
+    "InputShapeError",
     "NonFiniteError",
+    "NotCalibratedError",
     "PTQConfig",
     "PTQModule",
     "ParityError",

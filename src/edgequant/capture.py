@@ -7,19 +7,65 @@ model runs at any batch size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import os
 import re
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import EdgequantError
 
-class CaptureError(RuntimeError):
-    """torch.export could not turn the model into a graph."""
+
+class CaptureError(EdgequantError, RuntimeError):
+    """torch.export could not turn the model into a graph.
+
+    `torch_log` holds what torch printed while trying (its graph dumps and logged
+    tracebacks run to thousands of lines); set EDGEQUANT_DEBUG=1 to see it live.
+    """
+
+    def __init__(self, message: str, torch_log: str = "") -> None:
+        super().__init__(message)
+        self.torch_log = torch_log
+
+
+@contextlib.contextmanager
+def torch_output() -> Iterator[list[str]]:
+    """Hold back what torch writes to stderr (file descriptor 2, C++ included) meanwhile.
+
+    Yields a list that receives the text; the caller decides whether to show it.
+    With EDGEQUANT_DEBUG=1 nothing is held back.
+    """
+    held: list[str] = []
+    if os.environ.get("EDGEQUANT_DEBUG"):
+        yield held
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb"), write_through=True)
+            try:
+                yield held
+            finally:
+                sys.stderr.flush()
+                sys.stderr.close()
+                sys.stderr = python_stderr
+                os.dup2(saved, 2)
+                sink.seek(0)
+                held.append(sink.read().decode(errors="replace"))
+    finally:
+        os.close(saved)
 
 
 # GraphModule.meta key: the qualified class name of the model that was captured.
@@ -203,7 +249,49 @@ def warn_random_ops(graph: torch.fx.GraphModule) -> None:
         )
 
 
-def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+def _first_line(error: BaseException) -> str:
+    return next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)[:300]
+
+
+def _check_other_sizes(
+    model: nn.Module, graph: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], log: str
+) -> None:
+    """Run the captured graph on fake inputs of twice the size: guards that pin sizes fail there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    larger = [torch.Size([2, x.shape[1], *(2 * d for d in x.shape[2:])]) for x in inputs]
+    buffers = {name: b.clone() for name, b in graph.named_buffers()}  # BN counters would move
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            graph(*(torch.empty(shape, dtype=x.dtype) for shape, x in zip(larger, inputs, strict=True)))
+    except Exception as error:
+        raise CaptureError(_fixed_size_message(model, error), log) from None
+    finally:
+        with torch.no_grad():
+            for name, b in graph.named_buffers():
+                b.copy_(buffers[name])
+
+
+def _fixed_size_message(model: nn.Module, error: BaseException) -> str:
+    return (
+        f"{type(model).__name__} does not run at every input size (for example a flatten before a linear "
+        "layer, a reshape to fixed sizes, or skip connections that need sizes divisible by a stride): "
+        "dynamic_spatial=True is for fully convolutional models. Pass example_inputs at the size you run "
+        f"instead.\nReason: {_first_line(error)}"
+    )
+
+
+def _spatial_dims(index: int, x: torch.Tensor) -> dict[int, torch.export.Dim]:
+    """Symbolic sizes for every dim after the channels, from half the example's size up.
+
+    The lower bound keeps torch.export from specializing deep feature maps to size 1.
+    """
+    return {d: torch.export.Dim(f"input{index}_dim{d}", min=max(2, x.shape[d] // 2)) for d in range(2, x.dim())}
+
+
+def capture(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_spatial: bool = False
+) -> torch.fx.GraphModule:
     """Export a copy of `model` (batch dimension dynamic) to an ATen graph module.
 
     BN and dropout are captured in train mode for the wrappers to switch; the rest of
@@ -213,25 +301,40 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch
     check_input_dtypes(model, inputs)
     name = model_class(model)
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in inputs)
+    dynamic = tuple({0: batch, **(_spatial_dims(i, x) if dynamic_spatial else {})} for i, x in enumerate(inputs))
     # The exported graph would share parameters with the caller's model; QAT must not
     # train the user's float model in place.
     model = _capture_mode(copy.deepcopy(model))
-    try:
-        program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
-    except Exception as dynamic_error:
+    failure, log = None, ""
+    with torch_output() as held:
         try:
-            torch.export.export(model, inputs)
-        except Exception:
-            shape_error = _shape_error(model, inputs)
-            if shape_error:
-                raise ValueError(shape_error) from None
-            raise CaptureError(explain_export_failure(model, dynamic_error)) from None
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+        except Exception as dynamic_error:
+            failure = dynamic_error
+            try:
+                torch.export.export(model, inputs)
+                static = True
+            except Exception:
+                static = False
+    log = "".join(held)
+    if failure is None:
+        sys.stderr.write(log)  # warnings of a capture that worked stay visible
+    elif static and dynamic_spatial:
+        raise CaptureError(_fixed_size_message(model, failure), log) from None
+    elif static:
         raise CaptureError(
-            explain_export_failure(model, dynamic_error)
-            + "\nThe model exports at a fixed batch size only; wrapping needs any batch size to work."
+            explain_export_failure(model, failure)
+            + "\nThe model exports at a fixed batch size only; wrapping needs any batch size to work.",
+            log,
         ) from None
+    else:
+        shape_error = _shape_error(model, inputs)
+        if shape_error:
+            raise ValueError(shape_error) from None
+        raise CaptureError(explain_export_failure(model, failure), log) from None
     graph = program.module()
+    if dynamic_spatial:
+        _check_other_sizes(model, graph, inputs, log)
     graph.meta[MODEL_CLASS_KEY] = name
     warn_random_ops(graph)
     return graph

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -587,6 +588,8 @@ def _quiet_internals(enabled: bool) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgequant` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["EDGEQUANT_DEBUG"] = "1"  # torch's own output during capture is shown, not held back
     try:
         with _quiet_internals(not args.debug):
             result = args.run(args)

@@ -17,3 +17,15 @@ class NonFiniteError(EdgequantError, ValueError):
     def __init__(self, message: str, layer: str = "") -> None:
         super().__init__(message)
         self.layer = layer
+
+
+class NotCalibratedError(EdgequantError, RuntimeError):
+    """The wrapper has no ranges yet: calibrate it (PTQ) before evaluating, converting or exporting."""
+
+
+class InputShapeError(EdgequantError, ValueError):
+    """An input does not have the shape the model was captured for."""
+
+
+class InitialRangesWarning(UserWarning):
+    """A QATModule is exported before any training step: the file holds its initial ranges."""

@@ -19,7 +19,7 @@ from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
 from .equalization import equalize
-from .errors import NonFiniteError
+from .errors import NonFiniteError, NotCalibratedError
 from .graphutils import module_name
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
@@ -73,13 +73,26 @@ def check_finite_inputs(args: tuple[torch.Tensor, ...]) -> None:
             )
 
 
-def _inputs_of(batch: object) -> tuple[torch.Tensor, ...]:
-    """The model inputs of a batch: a tensor, or the first item of an (inputs, labels) pair."""
-    if isinstance(batch, torch.Tensor):
+def inputs_of(batch: object, count: int = 1) -> tuple[torch.Tensor, ...]:
+    """The model inputs of a data batch, for a model of `count` inputs.
+
+    One input: a tensor, or the first item of an (inputs, labels) pair. Several: a
+    tuple or list whose first `count` items are the inputs, in forward's order; items
+    after them (labels) are ignored.
+    """
+    if count == 1 and isinstance(batch, torch.Tensor):
         return (batch,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+    if isinstance(batch, (tuple, list)) and len(batch) >= count:
+        inputs = tuple(batch[:count])
+        if all(isinstance(x, torch.Tensor) for x in inputs):
+            return inputs
+    if count == 1:
+        raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+    raise TypeError(
+        f"the model takes {count} inputs, so each batch must be a tuple of {count} tensors in forward's "
+        f"order (optionally followed by labels); got {type(batch).__name__}"
+        + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
 
 
 class PTQModule(QuantWrapper):
@@ -97,10 +110,11 @@ class PTQModule(QuantWrapper):
         example_inputs: tuple[torch.Tensor, ...],
         scheme: str | Scheme = "int8_pow2",
         config: PTQConfig | None = None,
+        dynamic_spatial: bool = False,
     ) -> None:
-        super().__init__(example_inputs, scheme)
+        super().__init__(example_inputs, scheme, dynamic_spatial)
         self.config = config or PTQConfig()
-        self._float = capture(model, self.example_inputs)
+        self._float = capture(model, self.example_inputs, dynamic_spatial)
         set_graph_training(self._float, dropout=False, batchnorm=False)
         # Dead channels (BN running variance ~0) are zeroed on the float graph: exact, see batchnorm.py.
         self.dead_channels = zero_dead_channels(self._float)
@@ -170,7 +184,7 @@ class PTQModule(QuantWrapper):
         batches, skipped = [], 0
         bar = tqdm(data, desc="read calibration data", leave=False, disable=not progress or None)
         for index, batch in enumerate(bar):
-            inputs = _inputs_of(batch)
+            inputs = inputs_of(batch, len(self.example_inputs))
             if not all(bool(torch.isfinite(x).all()) for x in inputs):
                 if skip_nonfinite:
                     skipped += 1
@@ -192,7 +206,8 @@ class PTQModule(QuantWrapper):
     def calibrate(self, data: Iterable, skip_nonfinite: bool = False, progress: bool = True) -> PTQModule:
         """Run the configured recipe over `data`, then switch to eval (quantized) mode.
 
-        `data` yields tensors or (inputs, labels) batches; a few hundred samples suffice.
+        `data` yields tensors or (inputs, labels) batches (for a model of several inputs:
+        tuples of those inputs, optionally followed by labels); a few hundred samples suffice.
         They are held in memory for the passes the recipe needs (BN re-estimation,
         ranges, histograms). Batches with NaN or Inf raise ValueError, or are skipped
         with `skip_nonfinite=True`.
@@ -252,14 +267,25 @@ class PTQModule(QuantWrapper):
             self.eval()
         return result
 
+    def convert(self) -> GraphModule:
+        self._require_ranges()
+        return super().convert()
+
+    def _require_ranges(self) -> None:
+        if not int(self.calibrated_samples):
+            raise NotCalibratedError(
+                "this PTQModule has no ranges yet: call calibrate(data) with a few hundred samples first "
+                "(evaluating, converting or exporting it now would use unit scales)"
+            )
+
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(args)
         if self.training:
             check_finite_inputs(args)
             self._drop_integer_model()
             self.calibrated_samples += args[0].shape[0]
             return self.model(*args)
-        if not int(self.calibrated_samples):
-            raise RuntimeError("PTQModule has no ranges yet: call calibrate(data) (or run batches in train mode) first")
+        self._require_ranges()
         return self.integer_model()(*args)
 
     def float_model(self) -> GraphModule:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,7 +15,8 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from .batchnorm import attach_bn_factors, set_graph_training, zero_dead_channels
 from .capture import capture
-from .errors import NonFiniteError
+from .errors import InitialRangesWarning, NonFiniteError
+from .export import ExportResult
 from .graphutils import module_name
 from .observers import FakeQuantize
 from .ptq import PTQConfig, PTQModule, check_finite_inputs
@@ -57,15 +60,16 @@ class QATModule(QuantWrapper):
         sync: bool = True,
         calibration_data: Iterable | None = None,
         ptq_config: PTQConfig | None = None,
+        dynamic_spatial: bool = False,
     ) -> None:
-        super().__init__(example_inputs, scheme)
+        super().__init__(example_inputs, scheme, dynamic_spatial)
         training, ptq = model.training, None
         if calibration_data is not None:
-            ptq = PTQModule(model, self.example_inputs, self.scheme, ptq_config).calibrate(calibration_data)
-            model = ptq.float_model()
+            ptq = PTQModule(model, self.example_inputs, self.scheme, ptq_config, dynamic_spatial)
+            model = ptq.calibrate(calibration_data).float_model()
         self.schedule = FreezeSchedule(total_epochs)
         self._sync = sync
-        graph = capture(model, self.example_inputs)
+        graph = capture(model, self.example_inputs, dynamic_spatial)
         self.dead_channels = zero_dead_channels(graph) if ptq is None else ptq.dead_channels
         self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
         attach_bn_factors(self.model)
@@ -86,9 +90,10 @@ class QATModule(QuantWrapper):
         BN is already folded there, so only the range-freezing part of the schedule applies.
         ``QATModule(model, ..., calibration_data=data)`` does the same in one step.
         """
-        if not int(ptq.calibrated_samples):
-            raise ValueError("the PTQModule is not calibrated yet: call calibrate(data) first")
-        qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync)
+        ptq._require_ranges()
+        qmodel = cls(
+            ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync, dynamic_spatial=ptq.dynamic_spatial
+        )
         qmodel._take_ranges(ptq)
         qmodel.dead_channels = ptq.dead_channels
         return qmodel
@@ -181,7 +186,19 @@ class QATModule(QuantWrapper):
         self.train(self.training)  # apply the loaded epoch's freezing to the graph now
         return result
 
+    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
+        if not self.epoch and not int(self.qat_state[1]):
+            warnings.warn(
+                InitialRangesWarning(
+                    "exporting a QATModule before any training step: the file holds its initial ranges "
+                    "(from calibration_data, or from example_inputs)"
+                ),
+                stacklevel=2,
+            )
+        return super().export(path, opset)
+
     def forward(self, *args: torch.Tensor) -> Any:
+        self.check_inputs(args)
         if not self.training:
             return self.integer_model()(*args)
         check_finite_inputs(args)

@@ -138,15 +138,21 @@ def strip_int16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                     scale, zp = scale.reshape(shape), np.reshape(zp, shape) if np.ndim(zp) else zp
                 new_inits.append(numpy_helper.from_array(((q - zp) * scale).astype(np.float32), node.output[0]))
                 drop.append(node)
+
+    def source_of(name: str) -> str:
+        # Q16 -> DQ16 -> op -> Q16 -> DQ16 chains: a renamed tensor may itself be renamed.
+        while name in rename:
+            name = rename[name]
+        return name
+
     for node in drop:
         graph.node.remove(node)
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+            node.input[i] = source_of(name)
     for output in graph.output:
         if output.name in rename:  # a graph output was an int16 DQ: keep its name
-            graph.node.append(onnx.helper.make_node("Identity", [rename[output.name]], [output.name]))
+            graph.node.append(onnx.helper.make_node("Identity", [source_of(output.name)], [output.name]))
     graph.initializer.extend(new_inits)
     used = {i for node in graph.node for i in node.input}
     keep = [t for t in graph.initializer if t.name in used]

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import MODEL_CLASS_KEY, batch_of_two
+from .capture import MODEL_CLASS_KEY, batch_of_two, check_example_inputs
 from .checkpoint import check_metadata, check_state_dict, read_checkpoint, save_checkpoint
 from .convert import convert
+from .errors import InputShapeError
 from .export import ExportResult, export_onnx
 from .files import check_writable
 from .scheme import Scheme, get_scheme
@@ -24,10 +25,41 @@ class QuantWrapper(nn.Module):
 
     model: GraphModule
 
-    def __init__(self, example_inputs: tuple[torch.Tensor, ...], scheme: str | Scheme) -> None:
+    def __init__(
+        self, example_inputs: tuple[torch.Tensor, ...], scheme: str | Scheme, dynamic_spatial: bool = False
+    ) -> None:
         super().__init__()
         self.scheme = get_scheme(scheme)
-        self.example_inputs = tuple(x.detach().clone() for x in example_inputs)
+        self.example_inputs = tuple(x.detach().clone() for x in check_example_inputs(example_inputs))
+        self.dynamic_spatial = dynamic_spatial
+
+    def _shape_text(self, x: torch.Tensor) -> str:
+        dims = [
+            "N",
+            str(x.shape[1]),
+            *(("H", "W", "D")[: x.dim() - 2] if self.dynamic_spatial else map(str, x.shape[2:])),
+        ]
+        return f"({', '.join(dims)})"
+
+    def check_inputs(self, args: tuple[object, ...]) -> None:
+        """Refuse inputs the captured graph cannot run, in one line that says what to do."""
+        if len(args) != len(self.example_inputs):
+            raise InputShapeError(
+                f"the model was captured with {len(self.example_inputs)} input(s) (example_inputs); got {len(args)}"
+            )
+        for i, (x, ref) in enumerate(zip(args, self.example_inputs, strict=True)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input {i} is a {type(x).__name__}, expected a torch.Tensor")
+            if self.dynamic_spatial:
+                fits = x.dim() == ref.dim() and x.shape[1] == ref.shape[1]
+            else:
+                fits = x.shape[1:] == ref.shape[1:]
+            if not fits:
+                hint = "" if self.dynamic_spatial else ", or dynamic_spatial=True for a fully convolutional model"
+                raise InputShapeError(
+                    f"captured for inputs of shape {self._shape_text(ref)}; got {tuple(x.shape)} for input {i}: "
+                    f"pass example_inputs at the size you run{hint}"
+                )
 
     @property
     def model_class(self) -> str:
