@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"float top-1 {accuracy(model, test):.2f} %")
 
     example = next(iter(train))[0][:16]
-    qmodel = eq.QATModule(model, example_inputs=(example,), scheme=args.scheme, total_epochs=args.epochs)
+    calib = digits_loader("train", batch_size=64, limit=256, shuffle=False)  # unlabelled use: images only
+    qmodel = eq.QATModule(
+        model, example_inputs=(example,), scheme=args.scheme, total_epochs=args.epochs, calibration_data=calib
+    )
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(args.epochs):

@@ -396,3 +396,14 @@ def test_usage_errors_exit_with_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", SPEC, "--data", "digits", "--scheme", "int16"])  # analyze compares 8-bit with 16-bit
     assert exit_info.value.code == 2
+
+
+def test_float_accuracy_near_chance_is_a_loud_note_naming_the_preprocessing(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_top1", lambda model, data, desc: 9.4)
+    assert cli._float_top1(nn.Identity(), None, 10) == 9.4
+    err = capsys.readouterr().err
+    assert "WARNING: the float model's top-1 is 9.4 %, near chance (10.0 % for 10 classes)" in err
+    assert "--input-size, --mean, --std and --channels" in err
+    monkeypatch.setattr(cli, "_top1", lambda model, data, desc: 97.0)
+    cli._float_top1(nn.Identity(), None, 10)
+    assert capsys.readouterr().err == ""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgequant.guidelines import Finding, check, format_findings
+from edgequant.guidelines import Finding, check, checked_codes, format_findings
 from edgequant.training import build_model
 
 DOC = Path(__file__).parents[1] / "docs" / "guidelines.md"
@@ -306,6 +306,11 @@ def test_rendering():
     assert lines[0] == "2 findings (1 warning, 1 info):"
     assert lines[1:] == [f"  {finding}", f"  {info}"]
     assert format_findings([]) == "No findings."
+    assert format_findings([], checked_codes(optimizer=False, example_inputs=True)) == (
+        "No findings. Checked: conv-without-bn, depthwise-heavy, dead-channel, weight-range, not-capturable, "
+        "activation-range."
+    )
+    assert set(checked_codes(optimizer=True, example_inputs=True)) == set(CODES) - {"untrained-bn"}
     with pytest.raises(ValueError, match="severity"):
         Finding("fatal", "x", (), "")
 

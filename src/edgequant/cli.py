@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -129,6 +130,19 @@ def _top1(model: nn.Module, data: ImageData, desc: str) -> float:
     return accuracy(model, tqdm(data.loader, desc=desc, leave=False, disable=None))
 
 
+def _float_top1(model: nn.Module, data: ImageData, classes: int) -> float:
+    """Float top-1, with a loud note when it is near chance: then the preprocessing is the suspect."""
+    top1 = _top1(model, data, "evaluate float")
+    chance = 100.0 / classes
+    if classes > 1 and top1 < 2 * chance:
+        _note(
+            f"WARNING: the float model's top-1 is {top1:.1f} %, near chance ({chance:.1f} % for {classes} classes). "
+            "The data probably does not reach the model as it did in training: check --input-size, --mean, "
+            "--std and --channels (and --weights). Quantizing anyway; the result will mean little"
+        )
+    return top1
+
+
 def _scheme(args: argparse.Namespace) -> Scheme:
     scheme = get_scheme(args.scheme)
     if not args.high_precision:
@@ -184,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     """`edgequant check`: guideline findings before any quantization is tried."""
-    from .guidelines import check, format_findings
+    from .guidelines import check, checked_codes, format_findings
 
     model = _model(args, None, weights_required=False)
     if args.weights is None:
@@ -193,7 +207,7 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     _run_once(model, example, args.model)
     findings = check(model, example_inputs=example)
     if not args.json:
-        print(format_findings(findings))
+        print(format_findings(findings, checked_codes(optimizer=False, example_inputs=True)))
     return {
         "command": "check",
         "model": args.model,
@@ -272,7 +286,7 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
         _note("the model's output is not (N, classes) logits; skipping the accuracy evaluation")
     else:
         _check_labels(classes, evaluation, args.model)
-        top1["float"] = _top1(model, evaluation, "evaluate float")
+        top1["float"] = _float_top1(model, evaluation, classes)
     qmodel = PTQModule(model, example, scheme, PTQConfig(range_estimator=args.range_estimator))
     qmodel.calibrate(calib.loader)
     if classes is not None:
@@ -315,8 +329,10 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         )
     _check_labels(classes, train, args.model)
     _check_labels(classes, evaluation, args.model)
-    float_top1 = _top1(model, evaluation, "evaluate float")
-    qmodel = QATModule(model, example, scheme, total_epochs=args.epochs)
+    float_top1 = _float_top1(model, evaluation, classes)
+    # QAT starts from the PTQ recipe, calibrated on the first 256 training images.
+    calib = list(itertools.islice(train.loader, max(1, 256 // (train.loader.batch_size or 1))))
+    qmodel = QATModule(model, example, scheme, total_epochs=args.epochs, calibration_data=calib)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     train_epochs(qmodel, train.loader, args.epochs, optimizer, "QAT")
     quant_top1 = _top1(qmodel.convert(), evaluation, f"evaluate {scheme.name}")

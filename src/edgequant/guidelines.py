@@ -96,10 +96,20 @@ class Finding:
         return data
 
 
-def format_findings(findings: Sequence[Finding]) -> str:
-    """A summary line, then one line per finding."""
+def checked_codes(optimizer: bool, example_inputs: bool) -> list[str]:
+    """The finding codes `check` looks for, given what it was handed."""
+    codes = ["conv-without-bn", "depthwise-heavy", "dead-channel", "weight-range"]
+    if example_inputs:
+        codes += ["not-capturable", "activation-range"]
+    if optimizer:
+        codes += ["no-weight-decay", "low-weight-decay", "adam-optimizer"]
+    return codes
+
+
+def format_findings(findings: Sequence[Finding], checked: Sequence[str] | None = None) -> str:
+    """A summary line, then one line per finding; `checked` names the rules that ran."""
     if not findings:
-        return "No findings."
+        return "No findings." + (f" Checked: {', '.join(checked)}." if checked else "")
     counts = [(s, sum(f.severity == s for f in findings)) for s in SEVERITIES]
     summary = ", ".join(f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts if n)
     return "\n".join(

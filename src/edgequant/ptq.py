@@ -20,7 +20,7 @@ from .capture import capture
 from .clipping import clip_weights
 from .equalization import equalize
 from .errors import NonFiniteError, NotCalibratedError
-from .graphutils import module_name
+from .graphutils import producer_module
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
 from .scheme import Scheme
@@ -248,8 +248,7 @@ class PTQModule(QuantWrapper):
             low, high = obs.min_val, obs.max_val
             # Never observed reads (+inf, -inf); an overflow or NaN reads otherwise.
             if bool((torch.isnan(low) | torch.isnan(high) | (low == -math.inf) | (high == math.inf)).any()):
-                source = node.args[0]
-                layer = module_name(source) or source.name
+                layer = producer_module(node.args[0])
                 raise NonFiniteError(
                     f"calibration found NaN or Inf in the output of layer `{layer}` although the inputs were "
                     "finite: the float model overflows there. Check the weights (eq.check) and the input scaling",

@@ -17,7 +17,7 @@ from .batchnorm import attach_bn_factors, set_graph_training, zero_dead_channels
 from .capture import capture
 from .errors import InitialRangesWarning, NonFiniteError
 from .export import ExportResult
-from .graphutils import module_name
+from .graphutils import producer_module
 from .observers import FakeQuantize
 from .ptq import PTQConfig, PTQModule, check_finite_inputs
 from .quantizer import EdgeQuantizer
@@ -205,9 +205,20 @@ class QATModule(QuantWrapper):
         if torch.is_grad_enabled():
             self.qat_state[1] = 1
         out = self.model(*args)
-        if not all(bool(torch.isfinite(t).all()) for t in tree_leaves(out) if t.is_floating_point()):
+        # One host sync per step: every output finite, every activation scale finite and positive.
+        checks = [torch.isfinite(t).all() for t in tree_leaves(out) if t.is_floating_point()]
+        scales = self._activation_scales()
+        if scales is not None:
+            checks.append((torch.isfinite(scales) & (scales > 0)).all())
+        if not bool(torch.stack(checks).all()):
             raise self._nonfinite_error()
         return out
+
+    def _activation_scales(self) -> torch.Tensor | None:
+        found = self.__dict__.get("_scale_owners")
+        if found is None:
+            found = self.__dict__["_scale_owners"] = self.activation_quantizers()
+        return torch.cat([fq.scale.reshape(-1) for fq in found]) if found else None
 
     def _nonfinite_error(self) -> NonFiniteError:
         """Where a training step's NaN / Inf came from, in the user's terms."""
@@ -220,8 +231,9 @@ class QATModule(QuantWrapper):
                 )
         for node, fq in self._activation_quantizer_nodes():
             obs = fq.activation_post_process
-            if not bool(torch.isfinite(obs.min_val).all() and torch.isfinite(obs.max_val).all()):
-                layer = module_name(node.args[0]) or node.args[0].name
+            ranges = torch.cat([obs.min_val.reshape(-1), obs.max_val.reshape(-1), fq.scale.reshape(-1)])
+            if not bool(torch.isfinite(ranges).all() and (fq.scale > 0).all()):
+                layer = producer_module(node.args[0])
                 return NonFiniteError(
                     f"the output of layer `{layer}` overflowed to NaN or Inf, which ruined its quantization "
                     "range. Usual causes: a learning rate too high, or a dead channel whose BN fold factor "
