@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -97,6 +98,7 @@ def run_one(name: str, scheme: str, status: Path) -> None:
     """Run the chain for one model, writing the row (stage reached, error) to `status` after each stage."""
     import edgequant as eq
     from edgequant.data import digits_tensors
+    from edgequant.parity import PARITY_SQNR_DB
     from edgequant.quantizer import UnquantizedOpsWarning
 
     row: dict = {"model": name, "scheme": scheme, "stage": "build", "ok": False, "stage_seconds": {}}
@@ -137,7 +139,13 @@ def run_one(name: str, scheme: str, status: Path) -> None:
             mark("export")  # convert + ONNX export + parity; a failure inside convert.py is reported as "convert"
             result = qmodel.export(Path(tmp) / f"{name}.onnx")
         row["parity"] = str(result.parity)
-        row["ok"] = True
+        row["sqnr_db"] = result.parity.sqnr_db if math.isfinite(result.parity.sqnr_db) else "exact"
+        # A pass means agreement, not only an export that did not raise: rounding drift that
+        # compounds below PARITY_SQNR_DB is what the engine would run, so the model fails here.
+        row["ok"] = result.parity.sqnr_db >= PARITY_SQNR_DB
+        if not row["ok"]:
+            row["stage"] = "agreement"
+            row["error"] = f"onnxruntime vs torch at {result.parity.sqnr_db:.1f} dB SQNR (pass: {PARITY_SQNR_DB:g} dB)"
     except Exception as error:
         frames = [f.filename for f in traceback.extract_tb(error.__traceback__)]
         if row["stage"] == "export" and any(f.startswith(EDGEQUANT) and f.endswith("convert.py") for f in frames):

@@ -180,7 +180,8 @@ def test_weight_outliers_ranked_first_and_16_bit_restores(fault_report, tiny, di
         assert torch.allclose(faulty(xt), _with_outliers(tiny, 0.0)(xt), atol=1e-3)  # invisible in float
     assert report.verdict == VERDICT_QUANTIZATION
     assert report.layers[0].name == "head.0"
-    assert report.layers[0].weight_zero_8bit_pct > 90.0
+    # over 90% with the covering exponent; the exponent chosen by output error clips the outliers a little
+    assert report.layers[0].weight_zero_8bit_pct > 40.0
     assert all(layer.weight_zero_8bit_pct < 20.0 for layer in report.layers[1:])
     assert report.recommended_high_precision == ["head.0"]
     # Independently: a PTQ model with head.0 in 16 bit, calibrated and measured here.
@@ -192,7 +193,7 @@ def test_weight_outliers_ranked_first_and_16_bit_restores(fault_report, tiny, di
     agreement = float((after.argmax(1) == reference.argmax(1)).float().mean()) * 100
     assert report.int8.sqnr_db < 10.0
     assert _sqnr_by_hand(reference, after) > 25.0
-    assert agreement > report.int8.top1_agreement + 30
+    assert agreement > 95.0 and agreement > report.int8.top1_agreement + 20
     assert report.recommended.sqnr_db == pytest.approx(_sqnr_by_hand(reference, after), abs=1e-3)
     assert report.target_met
 

@@ -34,7 +34,7 @@ def test_ptq_close_to_float_and_exported_with_parity(scheme, digits_model, calib
 def test_calibrate_equals_plain_loop_and_folds_bn(digits_train, calib):
     x, _ = digits_train
     model = warmed_model("mobilenet_v2", x, steps=2)
-    minmax = eq.PTQConfig(range_estimator="minmax", bias_correction=False)
+    minmax = eq.PTQConfig(range_estimator="minmax", bias_correction=False, weight_exponent="ceil")
     a = eq.PTQModule(model, (x[:8],), config=minmax).calibrate(calib, progress=False)
     b = eq.PTQModule(model, (x[:8],), config=minmax)
     with torch.no_grad():
@@ -70,6 +70,24 @@ def test_eval_before_calibration_is_an_error(digits_train):
     qmodel = eq.PTQModule(warmed_model("resnet18", x, steps=1), (x[:8],)).eval()
     with pytest.raises(RuntimeError, match="calibrate"):
         qmodel(x[:2])
+
+
+def test_auto_range_estimator_is_mse_for_power_of_2_schemes_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(32, 3, 8, 8)
+    x[0, 0, 0, 0] = 40.0  # one outlier sets the min/max range
+    for scheme, expected in (("int8_pow2", "mse"), ("int8", "minmax")):
+        assert eq.PTQConfig().estimator_for(eq.get_scheme(scheme)) == expected
+        scales = {}
+        for estimator in ("auto", "minmax", "mse"):
+            q = eq.PTQModule(model, (x[:4],), scheme, eq.PTQConfig(range_estimator=estimator, bias_correction=False))
+            q.calibrate([x], progress=False)
+            scales[estimator] = [float(o.calculate_qparams()[0]) for o in q.activation_observers()]
+        assert scales["auto"] == scales[expected]
+        if scheme == "int8_pow2":
+            assert scales["mse"] != scales["minmax"]  # the outlier: the two estimators part here
+    assert eq.PTQConfig(range_estimator="minmax").estimator_for(eq.get_scheme("int8_pow2")) == "minmax"
 
 
 def test_config_validation():

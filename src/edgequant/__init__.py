@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     InputShapeError,
     NonFiniteError,
     NotCalibratedError,
+    ParityDriftWarning,
 )
 from .export import ExportResult  # noqa: E402
 from .guidelines import Finding, check  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "NotCalibratedError",
     "PTQConfig",
     "PTQModule",
+    "ParityDriftWarning",
     "ParityError",
     "ParityReport",
     "QATModule",

@@ -303,10 +303,18 @@ def quantizer_owners(gm: GraphModule) -> dict[str, str | None]:
 # ---- the switchable simulation -------------------------------------------------------------------
 
 
-def _qparams(observer: RangeObserver, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Scale and zero point the observer's range gives at `bits`, with the integer range."""
+def _qparams(
+    observer: RangeObserver, bits: int, constant: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Scale and zero point the observer's range gives at `bits`, with the integer range.
+
+    A weight (`constant`) at another width than its observer's is ranged on the tensor
+    itself: its calibrated range may have been narrowed for that width (exponents.py).
+    """
     wide = copy.deepcopy(observer)
     wide.quant_min, wide.quant_max = qrange(bits)
+    if constant is not None and wide.quant_max != observer.quant_max:
+        wide.min_val, wide.max_val = wide.extremes(constant)
     scale, zero_point = wide.calculate_qparams()
     return scale, zero_point.float(), wide.quant_min, wide.quant_max
 
@@ -314,14 +322,14 @@ def _qparams(observer: RangeObserver, bits: int) -> tuple[torch.Tensor, torch.Te
 class _Switch(nn.Module):
     """A calibrated observer turned into a fake-quantizer whose bit width can change (None: float)."""
 
-    def __init__(self, observer: RangeObserver, constant: bool) -> None:
+    def __init__(self, observer: RangeObserver, constant: torch.Tensor | None) -> None:
         super().__init__()
         self.axis = observer.ch_axis
         self.symmetric = observer.symmetric
         self.power_of_2 = observer.power_of_2
-        self.params = {bits: _qparams(observer, bits) for bits in (8, 16)}
+        self.params = {bits: _qparams(observer, bits, constant) for bits in (8, 16)}
         self.low, self.high = float(observer.min_val.min()), float(observer.max_val.max())
-        self.constant = constant
+        self.constant = constant is not None
         self.bits: int | None = None
         self.outside = 0  # values seen beyond the calibrated range, while counting
         self.seen = 0
@@ -399,7 +407,9 @@ class BitWidthSimulator:
         for node in gm.graph.nodes:
             obs = _observer(gm, node)
             if obs is not None and node.target not in switches:
-                switches[node.target] = _Switch(obs, constant=node.args[0].op == "get_attr")
+                source = node.args[0]
+                weight = operator.attrgetter(source.target)(gm) if source.op == "get_attr" else None
+                switches[node.target] = _Switch(obs, constant=weight)
         self.layers = self._layers(gm, switches, bias_correction)
         for target, switch in switches.items():
             gm.set_submodule(target, switch)

@@ -9,6 +9,8 @@ added to the bias, so the quantized layer has the float layer's mean output.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
@@ -27,7 +29,7 @@ def _module(gm: GraphModule, node: object) -> RangeObserver | None:
     return None
 
 
-def _quantized_weight(w: torch.Tensor, obs: RangeObserver) -> torch.Tensor:
+def quantized_weight(w: torch.Tensor, obs: RangeObserver) -> torch.Tensor:
     scale, zero_point = obs.calculate_qparams()
     if scale.numel() > 1:
         shape = [-1] + [1] * (w.dim() - 1)
@@ -35,32 +37,68 @@ def _quantized_weight(w: torch.Tensor, obs: RangeObserver) -> torch.Tensor:
     return dequantize(quantize(w, scale, zero_point, obs.quant_min, obs.quant_max), scale, zero_point)
 
 
+def per_output_channel(values: torch.Tensor, input_stat: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """sum_k values[o, k, ...] * input_stat[k] per output channel o, for a layer of `groups` groups.
+
+    `values` has a weight's shape (out, in / groups, *kernel); the kernel positions of
+    one input channel share its statistic.
+    """
+    per_kernel = values.reshape(values.shape[0], values.shape[1], -1).sum(dim=2)  # (out, in / groups)
+    per_group = values.shape[1]
+    stats = input_stat.reshape(groups, per_group)
+    out_per_group = values.shape[0] // groups
+    return (per_kernel.reshape(groups, out_per_group, per_group) * stats[:, None, :]).sum(dim=2).reshape(-1)
+
+
 def mean_shift(w: torch.Tensor, qw: torch.Tensor, input_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Per-output-channel mean of (W - Q(W)) x for inputs with per-channel mean `input_mean`."""
-    delta = (w - qw).reshape(w.shape[0], w.shape[1], -1).sum(dim=2)  # (out, in / groups)
-    per_group = w.shape[1]
-    means = input_mean.reshape(groups, per_group)
-    out_per_group = w.shape[0] // groups
-    return (delta.reshape(groups, out_per_group, per_group) * means[:, None, :]).sum(dim=2).reshape(-1)
+    return per_output_channel(w - qw, input_mean, groups)
 
 
-@torch.no_grad()
-def correct_biases(gm: GraphModule) -> int:
-    """Adjust the bias of every layer whose input observer tracked channel means."""
-    corrected = 0
+@dataclass
+class ObservedLayer:
+    """A conv or linear layer of a prepared graph, with the observers of its input and weight."""
+
+    node: Node
+    input_observer: RangeObserver
+    weight_observer: RangeObserver
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+
+
+def observed_layers(gm: GraphModule) -> Iterator[ObservedLayer]:
+    """Every weighted layer whose input and weight are both observed and whose weight is a constant."""
     for node in gm.graph.nodes:
         if node.target not in WEIGHTED_OPS:
             continue
         x_obs, w_obs = _module(gm, node.args[0]), _module(gm, node.args[1])
-        if x_obs is None or w_obs is None or x_obs.channel_mean is None:
+        if x_obs is None or w_obs is None or node.args[1].args[0].op != "get_attr":
             continue
-        weight_node = node.args[1].args[0]
         bias_node = node.args[2] if len(node.args) > 2 else None
-        if weight_node.op != "get_attr" or not (isinstance(bias_node, Node) and bias_node.op == "get_attr"):
-            continue
-        w = operator.attrgetter(weight_node.target)(gm)
-        bias = operator.attrgetter(bias_node.target)(gm)
+        bias = (
+            operator.attrgetter(bias_node.target)(gm)
+            if isinstance(bias_node, Node) and bias_node.op == "get_attr"
+            else None
+        )
         groups = node.args[6] if node.target != aten.linear.default and len(node.args) > 6 else 1
-        bias += mean_shift(w, _quantized_weight(w, w_obs), x_obs.channel_mean, groups)
+        yield ObservedLayer(node, x_obs, w_obs, operator.attrgetter(node.args[1].args[0].target)(gm), bias, groups)
+
+
+@torch.no_grad()
+def correct_biases(gm: GraphModule, float_weights: dict[str, torch.Tensor] | None = None) -> int:
+    """Adjust the bias of every layer whose input observer tracked channel means.
+
+    `float_weights` (by graph attribute name) are the weights to measure the shift
+    against where the graph's own weight is already rounded (AdaRound).
+    """
+    corrected = 0
+    for layer in observed_layers(gm):
+        mean = layer.input_observer.channel_mean
+        if mean is None or layer.bias is None:
+            continue
+        w = (float_weights or {}).get(layer.node.args[1].args[0].target, layer.weight)
+        qw = quantized_weight(layer.weight, layer.weight_observer)
+        layer.bias += mean_shift(w, qw, mean, layer.groups)
         corrected += 1
     return corrected

@@ -31,7 +31,7 @@ from .export import ExportResult
 from .files import check_writable
 from .loading import DIGITS, ImageData, load_data, load_weights, resolve_model
 from .parity import ParityError
-from .ptq import PTQConfig, PTQModule
+from .ptq import ESTIMATORS, PTQConfig, PTQModule
 from .qat import QATModule
 from .scheme import PRESETS, Scheme, get_scheme
 from .training import accuracy, cache_dir, float_digits_model, train_epochs
@@ -564,9 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ptq.add_argument(
         "--range-estimator",
-        default="minmax",
-        choices=["minmax", "percentile", "mse"],
-        help="activation ranges (default: minmax; see docs/ptq.md)",
+        default="auto",
+        choices=list(ESTIMATORS),
+        help="activation ranges (default: auto, mse for power-of-2 schemes and minmax otherwise; see docs/ptq.md)",
     )
     ptq.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="ONNX file to write")
 

@@ -29,3 +29,12 @@ class InputShapeError(EdgequantError, ValueError):
 
 class InitialRangesWarning(UserWarning):
     """A QATModule is exported before any training step: the file holds its initial ranges."""
+
+
+class ParityDriftWarning(UserWarning):
+    """onnxruntime and torch part only by one-step rounding, yet the model amplifies it.
+
+    The first differing tensor is off by one step on a few values (float32 summation
+    order, not a wrong op), but by the outputs the two agree below PARITY_SQNR_DB: the
+    engine will see the same drift. Common in randomly initialised deep models.
+    """

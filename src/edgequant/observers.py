@@ -7,6 +7,9 @@ the switches that freeze ranges.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize as _TorchaoFakeQuantize
 from torchao.quantization.pt2e.observer import ObserverBase
@@ -67,10 +70,14 @@ class RangeObserver(ObserverBase):
         self.percentile = 99.99
         self.hist: torch.Tensor | None = None
         self.hist_max = 0.0
-        # Per-channel mean of the observed tensor (along `channel_dim`), for bias correction.
+        # Per-channel mean and mean square of the observed tensor (along `channel_dim`): the
+        # input statistics of the next layer that bias correction and exponent choice use.
         self.channel_sum: torch.Tensor | None = None
+        self.channel_sq_sum: torch.Tensor | None = None
         self.channel_count = 0
         self.channel_dim = 1
+        # False while a pass only reads the graph (AdaRound collecting layer inputs).
+        self.observing = True
 
     def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
         """Switch to histogram collection over [0, max |x| seen so far]."""
@@ -78,15 +85,23 @@ class RangeObserver(ObserverBase):
         self.hist_max = float(torch.maximum(-self.min_val, self.max_val))
         self.hist = torch.zeros(bins)
 
-    def track_channel_mean(self, dim: int = 1) -> None:
-        """Also average the tensor per channel along `dim`: 1 for NCHW, -1 for channels-last data."""
-        self.channel_sum, self.channel_count, self.channel_dim = torch.zeros(0), 0, dim
+    def track_channel_stats(self, dim: int = 1) -> None:
+        """Also average x and x^2 per channel along `dim`: 1 for NCHW, -1 for channels-last data."""
+        self.channel_sum, self.channel_sq_sum = torch.zeros(0), torch.zeros(0)
+        self.channel_count, self.channel_dim = 0, dim
 
     @property
     def channel_mean(self) -> torch.Tensor | None:
         if self.channel_sum is None or not self.channel_count:
             return None
         return self.channel_sum / self.channel_count
+
+    @property
+    def channel_energy(self) -> torch.Tensor | None:
+        """Per-channel mean of x^2: how much a weight error on that input channel costs the output."""
+        if self.channel_sq_sum is None or not self.channel_count:
+            return None
+        return self.channel_sq_sum / self.channel_count
 
     def extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, max) of x: scalars, or one per channel along ch_axis."""
@@ -98,17 +113,21 @@ class RangeObserver(ObserverBase):
         return flat.amin(dim=1), flat.amax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.numel():
+        if not x.numel() or not self.observing:
             return x
         if self.hist is not None:
             if self.hist_max > 0:
                 self.hist += torch.histc(x.detach().abs().float(), len(self.hist), 0, self.hist_max)
         else:
             self.update(*self.extremes(x))
-        if self.channel_sum is not None and x.dim() >= 2:
+        if self.channel_sum is not None and self.channel_sq_sum is not None and x.dim() >= 2:
             channel = self.channel_dim % x.dim()
-            total = x.detach().float().sum(dim=[d for d in range(x.dim()) if d != channel])
-            self.channel_sum = total if self.channel_sum.numel() == 0 else self.channel_sum + total
+            others = [d for d in range(x.dim()) if d != channel]
+            values = x.detach().float()
+            total, squares = values.sum(dim=others), values.square().sum(dim=others)
+            if self.channel_sum.numel():
+                total, squares = self.channel_sum + total, self.channel_sq_sum + squares
+            self.channel_sum, self.channel_sq_sum = total, squares
             self.channel_count += x.numel() // x.shape[channel]
         return x
 
@@ -183,6 +202,19 @@ class RangeObserver(ObserverBase):
         kind = "pow2" if self.power_of_2 else "free"
         axis = "per-tensor" if self.ch_axis is None else f"per-channel (axis {self.ch_axis})"
         return f"dtype={self.dtype}, range=[{self.quant_min}, {self.quant_max}], {kind}, {axis}"
+
+
+@contextlib.contextmanager
+def paused(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` without any of its RangeObservers updating ranges or statistics."""
+    observers = [m for m in module.modules() if isinstance(m, RangeObserver)]
+    for obs in observers:
+        obs.observing = False
+    try:
+        yield
+    finally:
+        for obs in observers:
+            obs.observing = True
 
 
 class _FakeQuant(torch.autograd.Function):

@@ -14,17 +14,21 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
+from .adaround import adaround
 from .batchnorm import CONV_OPS, WEIGHTED_OPS, fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
 from .bias_correction import correct_biases
 from .capture import capture
 from .clipping import clip_weights
 from .equalization import equalize
 from .errors import NonFiniteError, NotCalibratedError
+from .exponents import choose_weight_exponents
 from .graphutils import producer_module
 from .observers import RangeObserver
 from .quantizer import EdgeQuantizer
 from .scheme import Scheme
 from .wrapper import QuantWrapper
+
+ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,11 @@ class PTQConfig:
 
     - ``range_estimator``: activation ranges from the min/max seen, a percentile of
       |x|, or the range minimising the squared quantization error ("mse"; for
-      power-of-2 scales a choice among the few candidate exponents). Percentile and
-      mse need a second pass over the calibration data; memory is one histogram per
-      quantizer. Asymmetric activations always use min/max.
+      power-of-2 scales a choice among the few candidate exponents). "auto" takes
+      "mse" for power-of-2 schemes and "minmax" for free scales, the better of the
+      two on the checkpoint population of benchmarks/ptq_population.py. Percentile
+      and mse need a second pass over the calibration data; memory is one histogram
+      per quantizer. Asymmetric activations always use min/max.
     - ``equalize``: cross-layer equalization of conv pairs; None = on for schemes with
       per-tensor weights (where it matters), off for per-channel ones.
     - ``bias_correction``: remove the mean output shift caused by weight rounding.
@@ -43,20 +49,35 @@ class PTQConfig:
       folding (for data that differs from the training data).
     - ``weight_clipping``: clamp weights beyond this many standard deviations per
       output channel before quantizing; None = off.
+    - ``weight_exponent``: for power-of-2 weights, "error" takes the exponent (of the
+      covering one and the two below) with the least expected layer-output error,
+      "ceil" always the covering one (see exponents.py).
+    - ``adaround``: learn each 8-bit weight's rounding on the calibration data, layer
+      by layer (adaround.py); seconds to minutes on a CPU, so off by default.
     """
 
-    range_estimator: Literal["minmax", "percentile", "mse"] = "minmax"
+    range_estimator: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     percentile: float = 99.99
     equalize: bool | None = None
     bias_correction: bool = True
     bn_reestimation: bool = False
     weight_clipping: float | None = None
+    weight_exponent: Literal["error", "ceil"] = "error"
+    adaround: bool = False
+
+    def estimator_for(self, scheme: Scheme) -> str:
+        """The activation range estimator this config runs for `scheme` ("auto" resolved)."""
+        if self.range_estimator != "auto":
+            return self.range_estimator
+        return "mse" if scheme.power_of_2 else "minmax"
 
     def __post_init__(self) -> None:
-        if self.range_estimator not in ("minmax", "percentile", "mse"):
-            raise ValueError(f"range_estimator must be 'minmax', 'percentile' or 'mse', got {self.range_estimator!r}")
+        if self.range_estimator not in ESTIMATORS:
+            raise ValueError(f"range_estimator must be one of {', '.join(ESTIMATORS)}; got {self.range_estimator!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.weight_exponent not in ("error", "ceil"):
+            raise ValueError(f"weight_exponent must be 'error' or 'ceil', got {self.weight_exponent!r}")
         if self.weight_clipping is not None and self.weight_clipping <= 0:
             raise ValueError(
                 f"weight_clipping must be a positive number of standard deviations, got {self.weight_clipping}"
@@ -223,18 +244,23 @@ class PTQModule(QuantWrapper):
         self.calibrated_samples.zero_()
         self.train()
         activations = self.activation_observers()
-        if cfg.bias_correction:
+        choose_exponents = self.scheme.power_of_2 and cfg.weight_exponent == "error"
+        if cfg.bias_correction or choose_exponents:
             for obs, dim in self._bias_correction_inputs():
-                obs.track_channel_mean(dim)
+                obs.track_channel_stats(dim)
         self._run(batches, "calibrate ranges", progress)
-        if cfg.range_estimator != "minmax":
+        estimator = cfg.estimator_for(self.scheme)
+        if estimator != "minmax":
             for obs in activations:
                 if obs.symmetric:
-                    obs.start_histogram(cfg.range_estimator, cfg.percentile)
-            self._run(batches, f"calibrate ranges ({cfg.range_estimator})", progress)
+                    obs.start_histogram(estimator, cfg.percentile)
+            self._run(batches, f"calibrate ranges ({estimator})", progress)
         self._check_ranges()
+        if choose_exponents:
+            choose_weight_exponents(self.model)
+        float_weights = adaround(self.model, batches, progress=progress) if cfg.adaround else None
         if cfg.bias_correction:
-            correct_biases(self.model)
+            correct_biases(self.model, float_weights)
         return self.eval()
 
     def _check_ranges(self) -> None:
@@ -281,6 +307,7 @@ class PTQModule(QuantWrapper):
         self.check_inputs(args)
         if self.training:
             check_finite_inputs(args)
+            self.remember_samples(args)
             self._drop_integer_model()
             self.calibrated_samples += args[0].shape[0]
             return self.model(*args)

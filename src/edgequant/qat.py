@@ -78,6 +78,7 @@ class QATModule(QuantWrapper):
         self._init_ranges()
         if ptq is not None:
             self._take_ranges(ptq)
+            self.remember_samples(ptq.parity_inputs())
         # Weight quantizers need no reduction: DDP keeps weights (and synced BN statistics) equal.
         for fq in self.activation_quantizers():
             fq.activation_post_process.sync_across_ranks = sync
@@ -95,6 +96,7 @@ class QATModule(QuantWrapper):
             ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync, dynamic_spatial=ptq.dynamic_spatial
         )
         qmodel._take_ranges(ptq)
+        qmodel.remember_samples(ptq.parity_inputs())
         qmodel.dead_channels = ptq.dead_channels
         return qmodel
 
@@ -202,6 +204,7 @@ class QATModule(QuantWrapper):
         if not self.training:
             return self.integer_model()(*args)
         check_finite_inputs(args)
+        self.remember_samples(args)
         if torch.is_grad_enabled():
             self.qat_state[1] = 1
         out = self.model(*args)

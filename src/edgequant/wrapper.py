@@ -19,6 +19,10 @@ from .export import ExportResult, export_onnx
 from .files import check_writable
 from .scheme import Scheme, get_scheme
 
+# Samples the export's onnxruntime check runs on: the first ones the wrapper calibrated or
+# trained on (a fixed number, so the verdict does not hang on the example batch's size).
+PARITY_SAMPLES = 32
+
 
 class QuantWrapper(nn.Module):
     """Base of `PTQModule` and `QATModule`; `self.model` is the prepared graph."""
@@ -111,6 +115,25 @@ class QuantWrapper(nn.Module):
             self.__dict__["_integer"] = cached
         return cached[1]
 
+    def remember_samples(self, args: tuple[torch.Tensor, ...]) -> None:
+        """Keep samples of a calibration or training batch, up to PARITY_SAMPLES, for export's check."""
+        kept = self.__dict__.get("_samples")
+        have = 0 if kept is None else kept[0].shape[0]
+        if have >= PARITY_SAMPLES or not args or args[0].dim() == 0:
+            return
+        take = tuple(x[: PARITY_SAMPLES - have].detach().clone() for x in args)
+        if kept is None:
+            self.__dict__["_samples"] = take
+        elif all(a.shape[1:] == b.shape[1:] for a, b in zip(kept, take, strict=True)):
+            self.__dict__["_samples"] = tuple(torch.cat(pair) for pair in zip(kept, take, strict=True))
+
+    def parity_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What export() compares onnxruntime and torch on: the remembered samples, else example_inputs."""
+        kept = self.__dict__.get("_samples")
+        if kept is not None and kept[0].shape[0] >= 2:
+            return kept
+        return batch_of_two(self.example_inputs)
+
     def _drop_integer_model(self) -> None:
         self.__dict__["_integer"] = None
 
@@ -122,10 +145,12 @@ class QuantWrapper(nn.Module):
         """Write QDQ ONNX (plus TIDL files) after checking it in onnxruntime against `convert()`.
 
         The check covers the three views a user has of the model: eval mode of this
-        wrapper, `convert()`, and onnxruntime on the file.
+        wrapper, `convert()`, and onnxruntime on the file, on up to PARITY_SAMPLES samples
+        of the data the wrapper calibrated or trained on in this process (else on
+        example_inputs).
         """
         check_writable(path)  # before the conversion, which takes a while on large models
-        inputs = batch_of_two(self.example_inputs)
+        inputs = self.parity_inputs()
         converted = self.convert()
         with torch.no_grad():
             seen = self.integer_model()(*inputs)  # what eval mode computes

@@ -1,0 +1,282 @@
+"""PTQ over a population of checkpoints: ours and the strongest peers, side by side, in one run.
+
+    make bench-peers                                            # once: .venv-peers with the peers
+    .venv-peers/bin/python benchmarks/ptq_population.py         # the whole population, every peer
+    .venv/bin/python benchmarks/ptq_population.py --peers none  # ours only (no peer environment)
+    ... --models resnet18 --recipes default high_lr --configs default no_bias_correction
+
+One figure per architecture, from one recipe, proves little: on a model trained the way the
+method's authors train, every method sits at float. The population here is every model of
+`--models` trained with every recipe of `--recipes` (edgequant.training.RECIPES: default,
+high learning rate, Adam without weight decay, short, another seed without label
+smoothing), each cached in ~/.cache/edgequant after its first training.
+
+Every method gets the same 128 calibration images (the first of the training split, in
+order) and is measured on its exported file in onnxruntime on the 360 test images:
+- top-1 %, and its drop from the float model's top-1 (the accuracy that decides);
+- agreement %: test images whose top-1 class equals the float model's;
+- SQNR dB: 10 log10(sum f^2 / sum (q - f)^2) over the logits q against float f. Top-1
+  saturates on digits; SQNR does not, and separates methods that tie on top-1;
+  (`--torch-eval` measures ours in eval mode instead: the integer model that the export is
+  held to, bit for bit for power-of-2 schemes; for sweeps of our own recipes);
+- seconds: float model to quantized model (our `calibrate()`, each peer's own recipe),
+  export excluded, and the ratio of ours to onnxruntime quantize_static (MinMax).
+
+Scheme families: ours int8_pow2 (power-of-2, per-tensor) is compared with the peers' power-of-2
+per-tensor variants (Brevitas, MCT); int8_pow2_dw with their power-of-2 per-channel ones; int8
+(free scales, per-channel weights) with every peer's per-channel variant. Results are written
+after every checkpoint to benchmarks/results/ptq_population.json, and a rerun with
+`--resume` skips the checkpoints already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import RESULTS, save, table
+
+import edgequant as eq
+from edgequant.data import digits_tensors
+from edgequant.parity import run_onnx, session
+from edgequant.training import RECIPES, float_digits_model
+
+MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5"]
+POPULATION_RECIPES = ["default", "high_lr", "adam_no_wd", "short", "seed1_no_ls"]
+SCHEMES = ["int8_pow2", "int8_pow2_dw", "int8"]
+CALIB_IMAGES = 128
+# Our PTQ recipes to compare, as PTQConfig edits of the default (the default decides the targets).
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "ceil": {"weight_exponent": "ceil"},
+    "no_bias_correction": {"bias_correction": False},
+    "minmax": {"range_estimator": "minmax"},
+    "mse": {"range_estimator": "mse"},
+    "adaround": {"adaround": True},
+}
+# Which peer variants (per_channel, power_of_2) a scheme of ours is compared with.
+FAMILY = {"int8_pow2": (False, True), "int8_pow2_dw": (True, True), "int8": (True, False)}
+# Entropy is left out by default: through quantize_static 1.32 it equals MinMax (benchmarks/peers.md).
+DEFAULT_PEERS = ["ort MinMax", "ort Percentile", "torchao", "brevitas", "mct", "aimet", "nncf"]
+TIMING_REFERENCE = "ort MinMax"
+
+
+def metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    """top-1 %, agreement with float %, SQNR dB of quantized `logits` against float `reference`."""
+    noise = float(((logits - reference) ** 2).sum())
+    signal = float((reference**2).sum())
+    return {
+        "top1": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+        "agreement": 100.0 * float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+        "sqnr_db": 10.0 * np.log10(signal / noise) if noise > 0 else float("inf"),
+    }
+
+
+def ours(model, scheme: str, config: eq.PTQConfig, calib: torch.Tensor, test: torch.Tensor, work: Path | None) -> tuple:
+    """Our PTQ: calibrate, export, then the exported file's logits in onnxruntime.
+
+    Without `work` the logits come from the module's eval mode, the integer model the
+    export is checked against (a sweep of recipes saves the export that way).
+    """
+    example = calib[:32]
+    start = time.perf_counter()
+    qmodel = eq.PTQModule(model, (example,), scheme, config)
+    qmodel.calibrate([(x,) for x in calib.split(32)], progress=False)
+    seconds = time.perf_counter() - start
+    if work is None:
+        with torch.no_grad():
+            return torch.cat([qmodel(x) for x in test.split(120)]), seconds
+    path = work / f"ours_{scheme}.onnx"
+    qmodel.export(path)
+    sess = session(str(path))
+    logits = torch.cat([torch.from_numpy(run_onnx(sess, (x,))[0]) for x in test.split(120)])
+    return logits, seconds
+
+
+def run_checkpoint(name: str, recipe: str, args: argparse.Namespace, peers: dict) -> list[dict]:
+    model = float_digits_model(name, recipe=recipe).eval()
+    images, labels = digits_tensors("test")
+    calib = digits_tensors("train")[0][:CALIB_IMAGES]
+    with torch.no_grad():
+        reference = model(images)
+    base = {"model": name, "recipe": recipe}
+    float_top1 = metrics(reference, reference, labels)["top1"]
+    rows = [base | {"method": "float", "scheme": "-", "top1": float_top1, "agreement": 100.0, "sqnr_db": np.inf}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for config_name in args.configs:
+            config = replace(eq.PTQConfig(), **CONFIGS[config_name])
+            method = "edgequant" if config_name == "default" else f"edgequant {config_name}"
+            for scheme in args.schemes:
+                row = base | {"method": method, "scheme": scheme}
+                try:
+                    work = None if args.torch_eval else Path(tmp)
+                    logits, seconds = ours(model, scheme, config, calib, images, work)
+                    row |= metrics(logits, reference, labels) | {"seconds": seconds}
+                except Exception as error:  # a failure is a result to report
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                rows.append(row)
+        for peer_name, peer in peers.items():
+            for per_channel, power_of_2 in peer.variants:
+                if (per_channel, power_of_2) not in FAMILY.values():
+                    continue
+                row = base | {"method": peer_name, "per_channel": per_channel, "power_of_2": power_of_2}
+                try:
+                    quantized = peer(model, calib, per_channel, power_of_2)
+                    with torch.no_grad():
+                        logits = torch.cat([quantized(x) for x in images.split(120)])
+                    row |= metrics(logits, reference, labels) | {"seconds": quantized.seconds}
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                rows.append(row)
+    for row in rows:
+        if "top1" in row:
+            row["drop"] = float_top1 - row["top1"]
+    return rows
+
+
+def family_rows(rows: list[dict], scheme: str) -> list[dict]:
+    """Our rows of `scheme` and the peer rows of its family."""
+    per_channel, power_of_2 = FAMILY[scheme]
+    return [
+        r
+        for r in rows
+        if r.get("scheme") == scheme or (r.get("per_channel") == per_channel and r.get("power_of_2") == power_of_2)
+    ]
+
+
+def checkpoint_table(rows: list[dict]) -> str:
+    out = []
+    for scheme in SCHEMES:
+        chosen = family_rows(rows, scheme)
+        if not chosen:
+            continue
+        body = [
+            [
+                r["method"],
+                r.get("top1", "error"),
+                r.get("drop", "-"),
+                r.get("agreement", "-"),
+                r.get("sqnr_db", "-"),
+                r.get("seconds", "-"),
+                r.get("error", "")[:80],
+            ]
+            for r in chosen
+        ]
+        out.append(f"{scheme} family\n" + table(["method", "top-1", "drop", "agree", "SQNR dB", "s", "error"], body))
+    return "\n\n".join(out)
+
+
+def summary(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Worst-case and median top-1 drop, median SQNR and time ratio per method and scheme family."""
+    timing = {
+        (r["model"], r["recipe"]): r["seconds"]
+        for r in rows
+        if r["method"] == TIMING_REFERENCE and r.get("per_channel") and "seconds" in r
+    }
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["method"] == "float":
+            continue
+        family = r.get("scheme") or next(
+            (s for s, v in FAMILY.items() if v == (r.get("per_channel"), r.get("power_of_2"))), "?"
+        )
+        groups.setdefault((family, r["method"]), []).append(r)
+    out = []
+    for (family, method), members in sorted(groups.items()):
+        done = [r for r in members if "top1" in r]
+        drops = [r["drop"] for r in done]
+        ratios = [r["seconds"] / timing[k] for r in done if (k := (r["model"], r["recipe"])) in timing]
+        out.append(
+            {
+                "family": family,
+                "method": method,
+                "checkpoints": len(done),
+                "failed": len(members) - len(done),
+                "worst_drop": max(drops) if drops else float("nan"),
+                "median_drop": statistics.median(drops) if drops else float("nan"),
+                "median_sqnr_db": statistics.median(r["sqnr_db"] for r in done) if done else float("nan"),
+                "worst_sqnr_db": min((r["sqnr_db"] for r in done), default=float("nan")),
+                "max_time_ratio": max(ratios) if ratios else float("nan"),
+            }
+        )
+    headers = [
+        "family",
+        "method",
+        "n",
+        "failed",
+        "worst drop",
+        "median drop",
+        "median SQNR",
+        "worst SQNR",
+        f"max s / {TIMING_REFERENCE}",
+    ]
+    keys = [
+        "family",
+        "method",
+        "checkpoints",
+        "failed",
+        "worst_drop",
+        "median_drop",
+        "median_sqnr_db",
+        "worst_sqnr_db",
+        "max_time_ratio",
+    ]
+    return table(headers, [[s[k] for k in keys] for s in out]), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--recipes", nargs="+", default=POPULATION_RECIPES, choices=sorted(RECIPES))
+    parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
+    parser.add_argument("--configs", nargs="+", default=["default"], choices=sorted(CONFIGS))
+    parser.add_argument("--peers", nargs="+", default=DEFAULT_PEERS, help="peer names (peers.py), or 'none'")
+    parser.add_argument("--output", default="ptq_population", help="result file name in benchmarks/results")
+    parser.add_argument(
+        "--torch-eval", action="store_true", help="measure ours in eval mode (the integer model) instead of exporting"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the checkpoints already in the result file")
+    args = parser.parse_args()
+    peers: dict = {}
+    if args.peers != ["none"]:
+        from peers import PEERS, UNAVAILABLE
+
+        for name in args.peers:
+            if name in PEERS:
+                peers[name] = PEERS[name]
+            else:
+                print(f"peer {name!r} not available here: {UNAVAILABLE.get(name, 'unknown peer')}", flush=True)
+    command = " ".join(["python", *sys.argv])
+    rows: list[dict] = []
+    result_file = RESULTS / f"{args.output}.json"
+    if args.resume and result_file.exists():
+        rows = json.loads(result_file.read_text())["rows"]
+    done = {(r["model"], r["recipe"]) for r in rows}
+    for name in args.models:
+        for recipe in args.recipes:
+            if (name, recipe) in done:
+                continue
+            start = time.perf_counter()
+            checkpoint = run_checkpoint(name, recipe, args, peers)
+            rows.extend(checkpoint)
+            print(
+                f"\n## {name} @ {recipe} (float top-1 {checkpoint[0]['top1']:.2f}; "
+                f"{time.perf_counter() - start:.0f} s)\n{checkpoint_table(checkpoint)}",
+                flush=True,
+            )
+            save(args.output, command, rows)
+    text, stats = summary(rows)
+    print(f"\n## summary over {len({(r['model'], r['recipe']) for r in rows})} checkpoints\n{text}")
+    print(f"\nresults: {save(args.output, command, rows)}, {save(args.output + '_summary', command, stats)}")
+
+
+if __name__ == "__main__":
+    main()
