@@ -6,12 +6,15 @@ import pytest
 from edgequant import files
 
 
-def test_atomic_path_replaces_the_file_with_plain_permissions(tmp_path):
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_atomic_path_replaces_the_file_with_plain_permissions(tmp_path, anonymous):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"old")
-    with files.atomic_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp != target
+    with files.atomic_path(target, anonymous=anonymous) as tmp:
+        assert tmp != target
         tmp.write_bytes(b"new")
+        if not anonymous:
+            assert tmp.parent == tmp_path
         assert target.read_bytes() == b"old"  # nothing visible until the block succeeds
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["model.onnx"]
@@ -20,10 +23,11 @@ def test_atomic_path_replaces_the_file_with_plain_permissions(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
 
 
-def test_a_failure_midway_keeps_the_old_file_and_no_temporary(tmp_path):
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_a_failure_midway_keeps_the_old_file_and_no_temporary(tmp_path, anonymous):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt), files.atomic_path(target) as tmp:
+    with pytest.raises(KeyboardInterrupt), files.atomic_path(target, anonymous=anonymous) as tmp:
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
     assert target.read_bytes() == b"old"
@@ -39,3 +43,88 @@ def test_destinations_that_cannot_be_written(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(PermissionError, match="is not writable"):
         files.check_writable(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_a_temporary_kept_under_another_name(tmp_path, anonymous):
+    target, kept = tmp_path / "model.onnx", tmp_path / "model.rejected.onnx"
+    target.write_bytes(b"old")
+    with files.atomic_path(target, anonymous=anonymous) as tmp:
+        tmp.write_bytes(b"bad")
+        files.keep_as(tmp, kept)
+    assert (target.read_bytes(), kept.read_bytes()) == (b"old", b"bad")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.rejected.onnx"]
+
+
+# ---- kill -9 at the write: a subprocess writes once for real, then hangs half-way through a second write
+
+_CHILD = """
+import hashlib, os, sys, time
+from pathlib import Path
+import torch
+import edgequant as eq
+
+target = Path(sys.argv[1])
+kind = sys.argv[2]
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+x = torch.randn(8, 3, 6, 6)
+qmodel = eq.PTQModule(model, (x,)).calibrate([x], progress=False)
+if kind == "report":
+    from tests.test_report import _report
+    write = lambda: _report().save(target)
+elif kind == "save":
+    write = lambda: qmodel.save(target)
+else:
+    write = lambda: qmodel.export(target)
+write()
+listing = sorted(os.listdir(target.parent))
+print("DONE", hashlib.sha256(target.read_bytes()).hexdigest(), ",".join(listing), flush=True)
+
+
+def hang(path):
+    with open(path, "wb") as f:
+        f.write(b"half a file")
+        f.flush()
+    print("WRITING", flush=True)
+    time.sleep(120)
+
+
+if kind == "save":
+    torch.save = lambda obj, f, *a, **k: hang(f)
+elif kind == "export":
+    torch.onnx.ONNXProgram.save = lambda self, destination, *a, **k: hang(destination)
+else:
+    Path.write_bytes = lambda self, data: hang(self)
+write()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "name"), [("save", "q.pt"), ("export", "q.onnx"), ("report", "report.html")])
+def test_kill_9_during_a_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, kind, name):
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / name
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(target), kind], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        done = child.stdout.readline().split()
+        assert done and done[0] == "DONE", done
+        digest, listing = done[1], done[2].split(",")
+        assert child.stdout.readline().strip() == "WRITING"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest  # the previous file, intact
+    assert sorted(os.listdir(out)) == listing  # and nothing else: no temporary left behind

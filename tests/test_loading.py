@@ -154,6 +154,20 @@ def test_image_folder_resizes_crops_and_normalizes(tmp_path):
     np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
 
 
+def test_resize_none_leaves_images_at_the_input_size_untouched(tmp_path):
+    pixels = _image_folder(tmp_path, size=(16, 16))
+    kept = image_folder_loader(tmp_path, image_size=16, mean=(0, 0, 0), std=(1, 1, 1), resize="none")
+    x, _ = next(iter(kept.loader))
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), pixels[("cat", 0)] / 255, atol=1e-6)
+    # the default resamples: short side to round(16 * 8/7) = 18, then a 16 crop of that
+    cropped = next(iter(image_folder_loader(tmp_path, image_size=16, mean=(0, 0, 0), std=(1, 1, 1)).loader))[0]
+    assert not np.allclose(cropped[0].numpy(), x[0].numpy(), atol=1e-3)
+    with pytest.raises(DataError, match="smaller than --input-size 32"):
+        next(iter(image_folder_loader(tmp_path, image_size=32, resize="none").loader))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        image_folder_loader(tmp_path, image_size=16, resize="stretch")
+
+
 def test_limit_draws_from_every_class(tmp_path):
     _image_folder(tmp_path, classes=("a", "b", "c"), per_class=10, size=(8, 8))
     data = image_folder_loader(tmp_path, image_size=8, batch_size=64, limit=9)

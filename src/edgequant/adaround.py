@@ -30,7 +30,9 @@ ITERATIONS = 300  # per layer; the paper uses 10,000 at ImageNet scale
 PATCHES = 4096  # input patches sampled per layer, from all calibration batches
 BATCH = 256  # patches per optimisation step
 LEARNING_RATE = 1e-2
-REGULARIZATION = 0.01  # weight of the rounding regulariser (AIMET's default)
+# Weight of the rounding regulariser (mean over weights) against the reconstruction error
+# relative to nearest rounding's; both terms are scale-free, so one value fits every layer.
+REGULARIZATION = 1.0
 WARMUP = 0.2  # fraction of iterations with reconstruction loss only
 BETA = (20.0, 2.0)  # annealing range of the regulariser's exponent
 _ZETA, _GAMMA = 1.1, -0.1  # rectified-sigmoid stretch
@@ -94,18 +96,22 @@ def round_layer(
     w_grouped = w.reshape(groups, w.shape[0] // groups, -1)  # (g, out / g, in / g * k)
     with torch.no_grad():
         target = torch.einsum("pgk,gok->pgo", patches, w_grouped)
+        nearest = torch.clamp(torch.round(w / s), obs.quant_min, obs.quant_max) * s
+        out = torch.einsum("pgk,gok->pgo", patches, nearest.reshape(w_grouped.shape))
+        # Reconstruction error in units of nearest rounding's, so one regulariser weight fits every layer.
+        baseline = (out - target).square().sum(dim=(1, 2)).mean().clamp(min=1e-30)
     optimizer = torch.optim.Adam([v], lr=LEARNING_RATE)
     warmup = int(WARMUP * iterations)
     for step in range(iterations):
         index = torch.randint(0, len(patches), (min(BATCH, len(patches)),), generator=generator)
         soft = torch.clamp(floor + _soft_rounding(v), obs.quant_min, obs.quant_max) * s
         out = torch.einsum("pgk,gok->pgo", patches[index], soft.reshape(w_grouped.shape))
-        loss = (out - target[index]).square().sum(dim=(1, 2)).mean()
+        loss = (out - target[index]).square().sum(dim=(1, 2)).mean() / baseline
         if step >= warmup:
             progress = (step - warmup) / max(1, iterations - warmup)
             beta = BETA[1] + 0.5 * (BETA[0] - BETA[1]) * (1 + math.cos(progress * math.pi))
             h = _soft_rounding(v)
-            loss = loss + REGULARIZATION * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            loss = loss + REGULARIZATION * (1 - (2 * h - 1).abs().pow(beta)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -32,6 +32,7 @@ from .batchnorm import FUSED_BN_OP, WEIGHTED_OPS
 from .bias_correction import mean_shift
 from .convert import int32_bias
 from .equalization import BOUND_OP
+from .files import write_atomic
 from .graphutils import module_name
 from .observers import RangeObserver
 from .ptq import PTQConfig, PTQModule
@@ -117,11 +118,7 @@ class AnalysisReport:
         """Write a self-contained HTML page (inline SVG plots, no scripts, opens offline)."""
         from .report import render_html
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(render_html(self), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, render_html(self).encode("utf-8"))
 
 
 def _json_safe(value: object) -> object:

@@ -29,7 +29,7 @@ from . import __version__
 from .capture import CaptureError
 from .export import ExportResult
 from .files import check_writable
-from .loading import DIGITS, ImageData, load_data, load_weights, resolve_model
+from .loading import DIGITS, RESIZE_MODES, ImageData, load_data, load_weights, resolve_model
 from .parity import ParityError
 from .ptq import ESTIMATORS, PTQConfig, PTQModule
 from .qat import QATModule
@@ -81,14 +81,18 @@ def _model(args: argparse.Namespace, data: ImageData | None, weights_required: b
 
 
 def _data(args: argparse.Namespace, split: str, limit: int | None, shuffle: bool = False) -> ImageData:
-    return load_data(args.data, split, args.input_size, args.mean, args.std, args.batch_size, limit, shuffle)
+    return load_data(
+        args.data, split, args.input_size, args.mean, args.std, args.batch_size, limit, shuffle, args.resize
+    )
 
 
 def _eval_data(args: argparse.Namespace) -> ImageData:
     source = args.eval_data or args.data
     if args.eval_data is None and args.data != DIGITS:
         _note(f"evaluating on {args.data} itself; pass --eval-data for a held-out folder")
-    return load_data(source, "test", args.input_size, args.mean, args.std, args.batch_size, args.limit)
+    return load_data(
+        source, "test", args.input_size, args.mean, args.std, args.batch_size, args.limit, resize=args.resize
+    )
 
 
 def _example_inputs(data: ImageData) -> tuple[torch.Tensor, ...]:
@@ -227,6 +231,7 @@ def _ptq_command(args: argparse.Namespace, high_precision: Sequence[str]) -> str
         "--input-size": args.input_size,
         "--mean": ",".join(map(str, args.mean)) if args.mean else None,
         "--std": ",".join(map(str, args.std)) if args.std else None,
+        "--resize": args.resize if args.resize != "crop" else None,
     }
     for flag, value in options.items():
         if value is not None:
@@ -372,8 +377,8 @@ downloaded) or package.module:factory / path/to/file.py:factory for your own cod
 
 DATA_HELP = """\
 --data is an image folder in torchvision's ImageFolder layout (DATA/<class>/<image>),
-resized so the short side is 8/7 of --input-size, center-cropped and normalized with
---mean / --std; or the word `digits` for the bundled 8x8 digits, upsampled to
+resized so the short side is 8/7 of --input-size (--resize none: not resized),
+center-cropped and normalized with --mean / --std; or the word `digits` for the bundled 8x8 digits, upsampled to
 --input-size (default 32) and normalized to [-1, 1]. With digits, calibration and
 training use its train split and evaluation its test split.
 """
@@ -484,6 +489,13 @@ def _data_options() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--std", type=_floats3, metavar="R,G,B", help="normalization std for folders (default: ImageNet's)"
+    )
+    parser.add_argument(
+        "--resize",
+        choices=list(RESIZE_MODES),
+        default="crop",
+        help="folders: `crop` resizes the short side to 8/7 of --input-size, then center-crops (default); "
+        "`none` only center-crops, for images already at the input size",
     )
     parser.add_argument("--batch-size", type=_positive, default=64, metavar="B", help="batch size (default: 64)")
     parser.add_argument(

@@ -11,11 +11,13 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_writable, keep_as
 from .parity import ParityError, ParityReport, compare, reexport, session
 from .scheme import Scheme
 from .tidl import write_deploy_files
 
+# Models whose weights take more bytes than this are saved by torch with external data.
+EXTERNAL_DATA_BYTES = 1 << 30
 # The dynamo exporter starts at 18; int16 QuantizeLinear / DequantizeLinear need 21.
 MIN_OPSET, INT16_OPSET, MAX_OPSET = 18, 21, 23
 
@@ -120,7 +122,10 @@ def export_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False)
-    with atomic_path(path) as tmp:
+    # Past 2 GB torch writes the weights as a side file named after the model file, which
+    # a nameless temporary cannot have: such models use a named hidden temporary.
+    size = sum(t.numel() * t.element_size() for t in (*converted.parameters(), *converted.buffers()))
+    with atomic_path(path, anonymous=size < EXTERNAL_DATA_BYTES) as tmp:
         onnx_program.save(str(tmp))
         del onnx_program  # its in-memory copy of the weights; onnxruntime reads the file
         try:
@@ -130,7 +135,7 @@ def export_onnx(
         except ParityError as error:
             # Keep the disagreeing file for inspection, under a name nobody deploys by accident.
             rejected = path.with_name(f"{path.stem}.rejected.onnx")
-            os.replace(tmp, rejected)
+            keep_as(tmp, rejected)
             raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
     options_path, tidl_path = write_deploy_files(path, scheme)
     return ExportResult(path, opset, parity, options_path, tidl_path)

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -214,6 +215,25 @@ def _subset(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, sorted(order[:limit].tolist()))
 
 
+RESIZE_MODES = ("crop", "none")
+
+
+class _AtLeast:
+    """Refuse an image smaller than the crop: with resize="none", CenterCrop would pad it with zeros."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Any) -> Any:
+        width, height = image.size
+        if min(width, height) < self.size:
+            raise DataError(
+                f"an image is {width}x{height}, smaller than --input-size {self.size}; with --resize none the "
+                "images must be at least that size (or use --resize crop)"
+            )
+        return image
+
+
 def image_folder_loader(
     root: str | os.PathLike,
     image_size: int = DEFAULT_SIZE,
@@ -222,16 +242,25 @@ def image_folder_loader(
     batch_size: int = 32,
     limit: int | None = None,
     shuffle: bool = False,
+    resize: str = "crop",
 ) -> ImageData:
-    """Images from ``root/<class>/<image>``, resized (short side ``size * 8/7``), center-cropped, normalized."""
+    """Images from ``root/<class>/<image>``, center-cropped to ``image_size`` and normalized.
+
+    ``resize="crop"`` first resizes the short side to ``round(image_size * 8/7)``, the
+    usual ImageNet evaluation (a 224 crop of a 256 image); ``"none"`` leaves images at
+    their own size, for data already at the input size (smaller images raise).
+    """
     from torchvision import transforms
 
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
+    steps = [transforms.Resize(round(image_size * 8 / 7))] if resize == "crop" else [_AtLeast(image_size)]
     transform = transforms.Compose(
         [
-            transforms.Resize(round(image_size * 8 / 7)),
+            *steps,
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
             transforms.Normalize(list(mean), list(std)),
@@ -276,15 +305,23 @@ def load_data(
     batch_size: int = 64,
     limit: int | None = None,
     shuffle: bool = False,
+    resize: str = "crop",
 ) -> ImageData:
     """Data for a DATA argument: ``digits`` (its ``split``: train or test) or an image folder.
 
-    ``mean`` / ``std`` apply to image folders only; the digits come normalized.
+    ``mean`` / ``std`` and ``resize`` apply to image folders only; the digits come normalized.
     """
     if source == DIGITS:
         if mean is not None or std is not None:
             raise ValueError("--mean / --std apply to image folders; the digits come normalized to [-1, 1]")
         return digits_data(split, image_size or DIGITS_SIZE, batch_size, limit, shuffle)
     return image_folder_loader(
-        source, image_size or DEFAULT_SIZE, mean or IMAGENET_MEAN, std or IMAGENET_STD, batch_size, limit, shuffle
+        source,
+        image_size or DEFAULT_SIZE,
+        mean or IMAGENET_MEAN,
+        std or IMAGENET_STD,
+        batch_size,
+        limit,
+        shuffle,
+        resize,
     )

@@ -14,7 +14,6 @@ model this writes:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .files import write_atomic
 from .scheme import Scheme
 
 SCALE_TYPE_POW2, SCALE_TYPE_PER_CHANNEL = 1, 4
@@ -165,22 +165,16 @@ def strip_int16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(q16)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_deploy_files(onnx_path: Path, scheme: Scheme) -> tuple[Path, Path | None]:
     """Write the options file, and the TIDL model when 16-bit tensors must be stripped."""
     model = onnx.load(str(onnx_path))
     model_layers = layers(model)
     opts = options(scheme, model_layers)
     options_path = onnx_path.with_name(f"{onnx_path.stem}.options.json")
-    _write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
+    write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
     if not any(layer.output_bits == 16 or layer.weight_bits == 16 for layer in model_layers):
         return options_path, None
     stripped, _ = strip_int16(model)
     tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
-    _write_atomic(tidl_path, stripped.SerializeToString())
+    write_atomic(tidl_path, stripped.SerializeToString())
     return options_path, tidl_path

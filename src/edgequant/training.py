@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import NUM_CLASSES, digits_loader
+from .files import atomic_path
 from .parity import run_onnx, session
 
 
@@ -203,7 +204,6 @@ def float_digits_model(
                 schedule.step()
     _recompute_bn_statistics(model, loader)
     model.eval()
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model
