@@ -138,7 +138,10 @@ def test_qat_from_ptq_starts_where_ptq_ended(digits_model, digits_test, tmp_path
 
     x, _ = digits_test
     calib = digits_loader("train", batch_size=32, limit=64, shuffle=False)
-    ptq = eq.PTQModule(digits_model("mobilenet_v2"), (x[:16],), "int8_pow2").calibrate(calib, progress=False)
+    # QAT ranges weights on the tensor each step with the covering exponent; a PTQ that chose lower
+    # exponents by output error (the default) hands over its weights and activation ranges, not those.
+    config = eq.PTQConfig(weight_exponent="ceil")
+    ptq = eq.PTQModule(digits_model("mobilenet_v2"), (x[:16],), "int8_pow2", config).calibrate(calib, progress=False)
     qmodel = eq.QATModule.from_ptq(ptq, total_epochs=2).eval()
     ptq_scales = [o.calculate_qparams()[0] for o in ptq.activation_observers()]
     qat_scales = [fq.scale for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]

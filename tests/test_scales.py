@@ -225,6 +225,6 @@ def test_every_quantizer_rounds_like_onnxruntime_where_the_reciprocal_would_not(
     fq.scale.copy_(s.reshape(1))
     fq.disable_observer()
     assert np.array_equal(fq(t).numpy(), ort_y)
-    switch = _Switch(observer, constant=False)
+    switch = _Switch(observer, constant=None)
     switch.bits = bits
     assert np.array_equal(switch(t).numpy(), ort_y)
