@@ -255,6 +255,7 @@ class PTQModule(QuantWrapper):
                 if obs.symmetric:
                     obs.start_histogram(estimator, cfg.percentile)
             self._run(batches, f"calibrate ranges ({estimator})", progress)
+        self.calibrated_samples.fill_(sum(inputs[0].shape[0] for inputs in batches))  # samples, not passes
         self._check_ranges()
         if choose_exponents:
             choose_weight_exponents(self.model)
