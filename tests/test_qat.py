@@ -313,8 +313,12 @@ def test_calibration_data_starts_qat_from_the_ptq_recipe(digits_model, digits_tr
     x, _ = digits_train
     model = _mobilenet_with_dead_channel(digits_model("mobilenet_v2"))
     calib = [x[i : i + 32] for i in range(0, 128, 32)]
-    ptq = eq.PTQModule(model, (x[:32],), "int8_pow2").calibrate(calib, progress=False)
-    qmodel = eq.QATModule(model, (x[:32],), "int8_pow2", total_epochs=2, calibration_data=calib).eval()
+    # covering weight exponents: QAT re-ranges weights that way (see test_qat_from_ptq_starts_where_ptq_ended)
+    config = eq.PTQConfig(weight_exponent="ceil")
+    ptq = eq.PTQModule(model, (x[:32],), "int8_pow2", config).calibrate(calib, progress=False)
+    qmodel = eq.QATModule(
+        model, (x[:32],), "int8_pow2", total_epochs=2, calibration_data=calib, ptq_config=config
+    ).eval()
     x_test = digits_test[0][:64]
     with torch.no_grad():
         # Same folded, equalized weights and the same ranges: the same integer model as PTQ's.
