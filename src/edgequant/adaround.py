@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from .bias_correction import ObservedLayer, observed_layers
+from .bias_correction import ObservedLayer, observed_layers, quantized_weight
 from .observers import paused
 
 aten = torch.ops.aten
@@ -96,7 +96,7 @@ def round_layer(
     w_grouped = w.reshape(groups, w.shape[0] // groups, -1)  # (g, out / g, in / g * k)
     with torch.no_grad():
         target = torch.einsum("pgk,gok->pgo", patches, w_grouped)
-        nearest = torch.clamp(torch.round(w / s), obs.quant_min, obs.quant_max) * s
+        nearest = quantized_weight(w, obs)  # the rounding convert uses
         out = torch.einsum("pgk,gok->pgo", patches, nearest.reshape(w_grouped.shape))
         # Reconstruction error in units of nearest rounding's, so one regulariser weight fits every layer.
         baseline = (out - target).square().sum(dim=(1, 2)).mean().clamp(min=1e-30)
