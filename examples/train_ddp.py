@@ -54,9 +54,9 @@ def setup(backend: str | None) -> torch.device:
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        eq.distributed.init_process_group("nccl", device_id=device)
         return device
-    dist.init_process_group("gloo")
+    eq.distributed.init_process_group("gloo")  # restart-safe under torchrun --max-restarts
     return torch.device("cpu")
 
 

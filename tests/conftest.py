@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -133,3 +137,13 @@ def ort_qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
     dtype = np.int8 if bits == 8 else np.int16
     feed = {"x": x.astype(np.float32), "s": np.asarray(scale, np.float32), "z": np.asarray(zero_point, dtype)}
     return _qdq_session(bits, axis).run(None, feed)
+
+
+def run_qat_resume_script(out, *args: str, ranks: int = 0) -> str:
+    """Run tests/qat_resume_script.py (under torchrun with `ranks` > 0); its stdout, asserting it finished."""
+    script = Path(__file__).with_name("qat_resume_script.py")
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--max-restarts", "1"]
+    command = [sys.executable, *(launcher if ranks else []), str(script), str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return done.stdout + f"\n[exit {done.returncode}]\n" + done.stderr[-3000:]

@@ -7,6 +7,8 @@ from torch import nn
 import edgequant as eq
 from edgequant.checkpoint import CheckpointError
 
+from .conftest import run_qat_resume_script
+
 
 def _net(classes: int = 4, bn: bool = True) -> nn.Module:
     """A small conv net; without BN, QAT wrapping skips torchao's slow conv+BN pattern search."""
@@ -151,3 +153,36 @@ def test_unreadable_or_foreign_files_are_refused(x, tmp_path):
         qmodel.load(plain)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         qmodel.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.slow
+def test_qat_killed_mid_epoch_resumes_to_a_byte_identical_export(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    log = run_qat_resume_script(whole)
+    assert "[exit 0]" in log, log
+    # Killed in epoch 2, after BN froze and before ranges freeze; the second start resumes there.
+    log = run_qat_resume_script(resumed, "--kill", "2:3")
+    assert "SIGKILL at epoch 2 step 3" in log and "exported" not in log, log
+    assert "saved epoch 1" in log and "saved epoch 2" not in log, log
+    log = run_qat_resume_script(resumed, "--kill", "2:3")
+    assert "resumed at epoch 2" in log and "[exit 0]" in log, log
+    assert (resumed / "final.onnx").read_bytes() == (whole / "final.onnx").read_bytes()
+
+
+def test_optimizer_state_travels_with_the_checkpoint(x, tmp_path):
+    qmodel = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4).train()
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad()
+        qmodel(x).square().mean().backward()
+        optimizer.step()
+    path = qmodel.eval().save(tmp_path / "q.pt", optimizer=optimizer)
+    fresh = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    fresh.load(path, optimizer=fresh_optimizer)
+    for mine, theirs in zip(fresh.parameters(), qmodel.parameters(), strict=True):
+        assert torch.equal(fresh_optimizer.state[mine]["momentum_buffer"], optimizer.state[theirs]["momentum_buffer"])
+    assert (fresh.epoch, fresh.next_epoch) == (0, 1)  # epoch 0 has trained: a resumed loop starts at 1
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        fresh.load(qmodel.save(tmp_path / "plain.pt"), optimizer=fresh_optimizer)

@@ -25,6 +25,8 @@ from edgequant import distributed
 from edgequant.batchnorm import BN_OP, FUSED_BN_OP, fuse_conv_bn_for_qat, set_graph_training
 from edgequant.capture import capture
 
+from .conftest import run_qat_resume_script
+
 WORLD = 2
 SHARD = 8  # samples per rank per step; the single process sees WORLD * SHARD
 EPOCHS, STEPS = 4, 2  # total_epochs=4: BN statistics freeze at epoch 2, ranges at epoch 3
@@ -309,3 +311,16 @@ def test_sync_bn_is_swapped_in_for_training_only_and_is_plain_bn_in_one_process(
     assert all(torch.equal(a, b) for a, b in zip(gm.buffers(), local.buffers(), strict=True))
     set_graph_training(gm, dropout=False, batchnorm=False, sync_bn=True)
     assert bn_targets(gm) == {BN_OP, FUSED_BN_OP}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarted_by_torchrun_resumes_to_a_byte_identical_export(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    log = run_qat_resume_script(whole, ranks=2)
+    assert "[exit 0]" in log, log
+    # Rank 1 is killed in epoch 2; torchrun (--max-restarts 1) restarts both ranks, which resume.
+    log = run_qat_resume_script(resumed, "--kill", "2:1", "--kill-rank", "1", ranks=2)
+    assert "[exit 0]" in log and "rank 1: SIGKILL at epoch 2 step 1" in log, log
+    assert "rank 0: resumed at epoch 2" in log and "rank 1: resumed at epoch 2" in log, log
+    assert (resumed / "final.onnx").read_bytes() == (whole / "final.onnx").read_bytes()

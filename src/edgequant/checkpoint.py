@@ -119,8 +119,14 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
     raise CheckpointError(text)
 
 
-def save_checkpoint(wrapper: nn.Module, path: str | os.PathLike, scheme: Scheme, model_class: str) -> Path:
-    """Write state_dict and metadata to `path` atomically."""
+def save_checkpoint(
+    wrapper: nn.Module,
+    path: str | os.PathLike,
+    scheme: Scheme,
+    model_class: str,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write state_dict and metadata (and the optimizer's state, if given) to `path` atomically."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -130,6 +136,8 @@ def save_checkpoint(wrapper: nn.Module, path: str | os.PathLike, scheme: Scheme,
         "scheme": scheme_fields(scheme),
         "state_dict": wrapper.state_dict(),
     }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)

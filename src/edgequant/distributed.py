@@ -10,6 +10,8 @@ back to the plain single-process computation, unchanged.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -19,6 +21,23 @@ aten = torch.ops.aten
 def is_active() -> bool:
     """True when a default process group with more than one rank is initialized."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_process_group(backend: str, **kwargs: object) -> None:
+    """`torch.distributed.init_process_group` from torchrun's environment, safe across its restarts.
+
+    With `--max-restarts`, torchrun restarts every rank when one dies, but its store
+    still holds the previous attempt's addresses under the same keys: the new ranks
+    read those and fail with "Connection refused". A key prefix per restart attempt
+    keeps the attempts apart. Outside torchrun this is the plain call.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
+        dist.init_process_group(backend, **kwargs)
+        return
+    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+    store = dist.PrefixStore(f"edgequant/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", agent_store)
+    dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), **kwargs)
 
 
 def reduce_extremes(batch_min: torch.Tensor, batch_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,6 +249,7 @@ class PTQModule(QuantWrapper):
             for obs, dim in self._bias_correction_inputs():
                 obs.track_channel_stats(dim)
         self._run(batches, "calibrate ranges", progress)
+        self._check_ranges()  # before the histogram pass, which cannot bin an infinite range
         estimator = cfg.estimator_for(self.scheme)
         if estimator != "minmax":
             for obs in activations:
@@ -256,7 +257,6 @@ class PTQModule(QuantWrapper):
                     obs.start_histogram(estimator, cfg.percentile)
             self._run(batches, f"calibrate ranges ({estimator})", progress)
         self.calibrated_samples.fill_(sum(inputs[0].shape[0] for inputs in batches))  # samples, not passes
-        self._check_ranges()
         if choose_exponents:
             choose_weight_exponents(self.model)
         float_weights = adaround(self.model, batches, progress=progress) if cfg.adaround else None

@@ -126,6 +126,11 @@ class QATModule(QuantWrapper):
         return int(self.qat_state[0])
 
     @property
+    def next_epoch(self) -> int:
+        """The epoch a resumed loop starts at: `epoch`, plus one if that epoch has trained steps."""
+        return self.epoch + int(bool(self.qat_state[1]))
+
+    @property
     def bn_frozen(self) -> bool:
         return self.schedule.bn_frozen(self.epoch)
 

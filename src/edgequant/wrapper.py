@@ -12,7 +12,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .capture import MODEL_CLASS_KEY, batch_of_two, check_example_inputs
-from .checkpoint import check_metadata, check_state_dict, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_metadata, check_state_dict, read_checkpoint, save_checkpoint
 from .convert import convert
 from .errors import InputShapeError
 from .export import ExportResult, export_onnx
@@ -81,15 +81,26 @@ class QuantWrapper(nn.Module):
             check_state_dict(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a checkpoint (state_dict, scheme, model class, edgequant version), atomically."""
-        return save_checkpoint(self, path, self.scheme, self.model_class)
+    def save(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Path:
+        """Write a checkpoint (state_dict, scheme, model class, edgequant version), atomically.
 
-    def load(self, path: str | os.PathLike) -> Self:
-        """Load a checkpoint written by `save()` into this wrapper, refusing one made for another scheme or model."""
+        With `optimizer` its state goes into the same file, so a run killed at any point
+        resumes from one consistent pair of model and optimizer state.
+        """
+        return save_checkpoint(self, path, self.scheme, self.model_class, optimizer)
+
+    def load(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> Self:
+        """Load a checkpoint written by `save()` into this wrapper, refusing one made for another scheme or model.
+
+        With `optimizer` (built over this wrapper's parameters) its saved state is restored too.
+        """
         payload = read_checkpoint(path)
         check_metadata(payload, self, self.scheme, self.model_class)
+        if optimizer is not None and "optimizer" not in payload:
+            raise CheckpointError(f"{path} holds no optimizer state: save it with `save(path, optimizer=...)`")
         self.load_state_dict(payload["state_dict"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
         return self
 
     def convert(self) -> GraphModule:
