@@ -143,3 +143,13 @@ def test_export_judges_parity_on_calibration_samples_not_the_example_batch(tmp_p
     result = qmodel.export(tmp_path / "mobilenet_v2.onnx")
     assert result.parity.samples == PARITY_SAMPLES
     assert result.parity.rounding is not None and result.parity.rounding.is_rounding
+
+
+def test_rounding_is_one_step_on_at_most_one_percent_or_one_value():
+    def divergence(count: int, size: int, max_lsb: int = 1) -> parity.Divergence:
+        return parity.Divergence("q", "fc", count=count, size=size, max_lsb=max_lsb)
+
+    assert divergence(100, 10_000).is_rounding and not divergence(101, 10_000).is_rounding
+    assert divergence(1, 12).is_rounding  # one tie in a 12-value head is still rounding
+    assert not divergence(2, 12).is_rounding
+    assert not divergence(1, 10_000, max_lsb=2).is_rounding

@@ -8,7 +8,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_decomposed ops)
 
-from . import distributed  # noqa: E402  (eq.distributed.init_process_group for torchrun)
+from . import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
 from .analysis import AnalysisReport, analyze  # noqa: E402
 from .capture import CaptureError  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
@@ -52,6 +52,7 @@ __all__ = [
     "UnquantizedOpsWarning",
     "analyze",
     "check",
+    "distributed",
     "get_scheme",
 ]
 __version__ = "0.1.0"

@@ -55,6 +55,9 @@ EXACT_OPS = frozenset(
         aten.avg_pool2d.default,
         aten.mean.dim,
         aten.dropout.default,
+        # nearest upsampling copies values: exact (bilinear interpolates in float and is not)
+        aten.upsample_nearest2d.default,
+        aten.upsample_nearest2d.vec,
     }
 )
 
@@ -84,7 +87,8 @@ class Divergence:
 
     @property
     def is_rounding(self) -> bool:
-        return self.max_lsb <= 1 and self.count <= ROUNDING_FRACTION * self.size
+        """One step off on a few values; a single value always counts (a tie in a tiny head tensor)."""
+        return self.max_lsb <= 1 and self.count <= max(1.0, ROUNDING_FRACTION * self.size)
 
     def __str__(self) -> str:
         return (
