@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgequant import ParityDriftWarning, ParityError, QATModule
-from edgequant.parity import compare, locate_divergence, output_sqnr_db, reexport
+from edgequant.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
 
 from .conftest import FloatNormNet
 
@@ -146,8 +146,8 @@ def test_export_judges_parity_on_calibration_samples_not_the_example_batch(tmp_p
 
 
 def test_rounding_is_one_step_on_at_most_one_percent_or_one_value():
-    def divergence(count: int, size: int, max_lsb: int = 1) -> parity.Divergence:
-        return parity.Divergence("q", "fc", count=count, size=size, max_lsb=max_lsb)
+    def divergence(count: int, size: int, max_lsb: int = 1) -> Divergence:
+        return Divergence("q", "fc", count=count, size=size, max_lsb=max_lsb)
 
     assert divergence(100, 10_000).is_rounding and not divergence(101, 10_000).is_rounding
     assert divergence(1, 12).is_rounding  # one tie in a 12-value head is still rounding
