@@ -21,6 +21,15 @@ from edgequant.data import digits_tensors
 from edgequant.training import build_model, float_digits_model
 
 ZOO = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
+# Fixtures that train digits models or build zoo models: a test that takes one is slow by
+# nature and is marked here, once, so that `pytest -m "not slow"` stays the quick loop.
+SLOW_FIXTURES = frozenset({"digits_model", "float_cache", "trained", "runs"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

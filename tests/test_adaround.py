@@ -28,6 +28,7 @@ def _layer(w: torch.Tensor, per_channel: bool, power_of_2: bool) -> ObservedLaye
 
 
 @pytest.mark.parametrize(("per_channel", "power_of_2"), [(False, True), (True, True), (True, False)])
+@pytest.mark.slow
 def test_learned_rounding_beats_nearest_on_held_out_inputs(per_channel, power_of_2):
     torch.manual_seed(0)
     w = torch.randn(16, 32) * 0.05
@@ -49,6 +50,7 @@ def test_learned_rounding_beats_nearest_on_held_out_inputs(per_channel, power_of
     assert err < 0.7 * err_nearest
 
 
+@pytest.mark.slow
 def test_ptq_with_adaround_keeps_its_scales_and_exports_bit_exact(tmp_path):
     torch.manual_seed(0)
     model = Net().eval()

@@ -100,6 +100,7 @@ def trained_small_cnn(weights: Path) -> nn.Module:
 # ---- subprocesses: one per command
 
 
+@pytest.mark.slow
 def test_ptq_subprocess_writes_a_model_that_scores_what_it_reports(weights, tmp_path):
     out = tmp_path / "small.onnx"
     args = ["ptq", SPEC, "--weights", str(weights), "--data", "digits", "--calib-samples", "64", "--limit", "120"]
@@ -116,6 +117,7 @@ def test_ptq_subprocess_writes_a_model_that_scores_what_it_reports(weights, tmp_
     assert result["top1"]["quantized"] > 50
 
 
+@pytest.mark.slow
 def test_qat_subprocess_trains_and_exports(weights, tmp_path):
     out = tmp_path / "qat.onnx"
     args = ["qat", SPEC, "--weights", str(weights), "--data", "digits", "--epochs", "2", "--lr", "1e-3"]
@@ -150,6 +152,7 @@ def test_demo_runs_the_demo_with_its_options(monkeypatch, capsys, tmp_path):
     assert captured.err == "demo output\n"  # stdout carries only the JSON
 
 
+@pytest.mark.slow
 def test_check_subprocess_reports_the_guideline_findings():
     proc = run_cli("check", "tests.test_cli:conv_without_bn", "--input-size", "32", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -176,6 +179,7 @@ def outlier_weights(weights, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_analyze_subprocess_recommends_the_layer_and_its_ptq_command_works(outlier_weights, tmp_path, capsys):
     html = tmp_path / "report.html"
     small = ["--calib-samples", "64", "--limit", "120"]
@@ -204,6 +208,7 @@ def test_analyze_json(weights, capsys):
     assert report["float_accuracy"] == pytest.approx(float_top1)
 
 
+@pytest.mark.slow
 def test_errors_in_a_subprocess_are_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [

@@ -81,6 +81,7 @@ def test_qat_example(float_cache, tmp_path):
     assert reported(stdout, "integer top-1") == reported(stdout, "onnxruntime top-1")
 
 
+@pytest.mark.slow
 def test_segmentation_example_exports_with_exact_parity(tmp_path):
     stdout = run_example(
         "segmentation.py", "--classes", "3", "--size", "64", "--calib-samples", "16", "--out", str(tmp_path)

@@ -186,6 +186,7 @@ def warm_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
 @pytest.mark.parametrize(
     "name", ["squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "lraspp_mobilenet_v3_large"]
 )
+@pytest.mark.slow
 def test_zoo_sample_through_ptq_and_export(name, digits_train, tmp_path):
     """A CI-sized sample of benchmarks/zoo.py: fire modules, channel shuffle, SE blocks with
     stochastic depth, and a segmentation head with a dict output."""

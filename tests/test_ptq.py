@@ -31,6 +31,7 @@ def test_ptq_close_to_float_and_exported_with_parity(scheme, digits_model, calib
         assert np.array_equal(ort.argmax(1), qmodel(x[:64]).numpy().argmax(1))
 
 
+@pytest.mark.slow
 def test_calibrate_equals_plain_loop_and_folds_bn(digits_train, calib):
     x, _ = digits_train
     model = warmed_model("mobilenet_v2", x, steps=2)
@@ -48,6 +49,7 @@ def test_calibrate_equals_plain_loop_and_folds_bn(digits_train, calib):
         assert torch.equal(a(x[:4]), b(x[:4]))
 
 
+@pytest.mark.slow
 def test_bad_calibration_data(digits_train):
     x, _ = digits_train
     model = warmed_model("resnet18", x, steps=1)

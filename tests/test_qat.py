@@ -77,6 +77,7 @@ def test_state_dict_resume_gives_identical_outputs(trained, digits_train, digits
     assert fresh.epoch == qmodel.epoch
 
 
+@pytest.mark.slow
 def test_freeze_schedule_follows_epochs(digits_train):
     x, y = digits_train
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), total_epochs=4)
@@ -99,6 +100,7 @@ def test_freeze_schedule_follows_epochs(digits_train):
     assert all(fq.is_frozen for fq in qmodel.fake_quantizers())
 
 
+@pytest.mark.slow
 def test_evaluating_before_training_does_not_count_as_epoch(digits_train):
     x, y = digits_train
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), total_epochs=2)

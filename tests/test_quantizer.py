@@ -144,6 +144,7 @@ def test_mixed_precision_names_only_the_chosen_layers(data, digits_model, tmp_pa
 
 
 @pytest.mark.parametrize("choice", ["first_last", lambda name: name in ("conv1", "fc")])
+@pytest.mark.slow
 def test_high_precision_rule_and_callable(choice, data):
     x, _ = data
     scheme = eq.get_scheme("int8_pow2").with_high_precision(choice)
@@ -163,6 +164,7 @@ def test_unknown_high_precision_name_lists_layers(data):
         eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), scheme)
 
 
+@pytest.mark.slow
 def test_int16_only_model_goes_to_tidl_in_float(data, tmp_path):
     x, _ = data
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), "int16_pow2").eval()
@@ -245,6 +247,7 @@ def test_ops_without_a_rule_stay_float_with_a_warning_naming_them(tmp_path):
     assert np.abs(run_onnx(session(str(result.path)), (x,))[0] - ours).max() <= result.parity.output_step
 
 
+@pytest.mark.slow
 def test_bn_without_a_conv_before_it_is_requantized(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(

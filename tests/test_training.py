@@ -6,6 +6,7 @@ from edgequant.data import digits_loader, digits_tensors
 from edgequant.training import accuracy, build_model, float_digits_model, onnx_accuracy
 
 
+@pytest.mark.slow
 def test_float_training_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQUANT_CACHE", str(tmp_path))
     first = float_digits_model("resnet18", epochs=1, progress=False)
@@ -16,6 +17,7 @@ def test_float_training_is_cached(tmp_path, monkeypatch):
         assert torch.equal(first(x), second(x))
 
 
+@pytest.mark.slow
 def test_onnx_accuracy_matches_torch_accuracy_of_converted_model(tmp_path):
     x, _ = digits_tensors("train")
     qmodel = QATModule(build_model("resnet18"), (x[:8],)).eval()

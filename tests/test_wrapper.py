@@ -53,6 +53,7 @@ def test_eval_is_deterministic_and_leaves_bn_statistics_alone():
     assert bn_nodes and all(n.args[5] is False for n in bn_nodes)
 
 
+@pytest.mark.slow
 def test_batch_of_one_example_with_bn_in_train_mode_wraps_and_exports(tmp_path):
     torch.manual_seed(0)
     model = Residual().train()
