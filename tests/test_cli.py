@@ -68,6 +68,14 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory) -> Path:
+    """small_cnn's random initialisation as a state_dict: enough where only the file's keys matter."""
+    path = tmp_path_factory.mktemp("untrained") / "small_cnn.pt"
+    torch.save(small_cnn().state_dict(), path)
+    return path
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "edgequant.cli", *args],
@@ -199,6 +207,7 @@ def test_analyze_subprocess_recommends_the_layer_and_its_ptq_command_works(outli
     assert abs(result["top1"]["quantized"] - result["top1"]["float"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_analyze_json(weights, capsys):
     args = ["analyze", SPEC, "--weights", str(weights), "--data", "digits", "--calib-samples", "64", "--limit", "120"]
     assert main([*args, "--json"]) == 0
@@ -291,14 +300,14 @@ def fails(argv: list[str], capsys) -> str:
     return error
 
 
-def test_missing_files(weights, tmp_path, capsys):
+def test_missing_files(untrained_weights, tmp_path, capsys):
     out = ["-o", str(tmp_path / "m.onnx")]
     line = fails(["ptq", SPEC, "--weights", "nope.pt", "--data", "digits", *out], capsys)
     assert line == "edgequant ptq: error: weights file nope.pt does not exist"
-    line = fails(["ptq", SPEC, "--weights", str(weights), "--data", str(tmp_path / "no_data"), *out], capsys)
+    line = fails(["ptq", SPEC, "--weights", str(untrained_weights), "--data", str(tmp_path / "no_data"), *out], capsys)
     assert line == f"edgequant ptq: error: data folder {tmp_path / 'no_data'} does not exist"
     target = tmp_path / "no_dir" / "m.onnx"
-    line = fails(["ptq", SPEC, "--weights", str(weights), "--data", "digits", "-o", str(target)], capsys)
+    line = fails(["ptq", SPEC, "--weights", str(untrained_weights), "--data", "digits", "-o", str(target)], capsys)
     assert (
         line
         == f"edgequant ptq: error: cannot write {target}: directory {target.parent} does not exist; create it first"
@@ -315,9 +324,9 @@ def test_unresolvable_model_specs(tmp_path, capsys):
     assert "module 'tests.test_cli' has no attribute 'no_such_factory'" in line
 
 
-def test_mismatched_checkpoint_lists_keys(weights, tmp_path, capsys):
+def test_mismatched_checkpoint_lists_keys(untrained_weights, tmp_path, capsys):
     out = ["--data", "digits", "-o", str(tmp_path / "m.onnx")]
-    line = fails(["ptq", "torchvision:resnet18", "--weights", str(weights), *out], capsys)
+    line = fails(["ptq", "torchvision:resnet18", "--weights", str(untrained_weights), *out], capsys)
     assert "does not match the model; missing: conv1.weight, bn1.weight" in line
     assert "unexpected: 0.weight, 1.weight, 1.bias" in line
     torch.save(small_cnn(num_classes=10).state_dict(), tmp_path / "ten.pt")
@@ -325,9 +334,9 @@ def test_mismatched_checkpoint_lists_keys(weights, tmp_path, capsys):
     assert "shape mismatch: 11.weight (checkpoint [10, 512], model [4, 512]), 11.bias" in line
 
 
-def test_empty_data_folder(weights, tmp_path, capsys):
+def test_empty_data_folder(untrained_weights, tmp_path, capsys):
     (tmp_path / "data").mkdir()
-    args = ["analyze", SPEC, "--weights", str(weights), "--data", str(tmp_path / "data")]
+    args = ["analyze", SPEC, "--weights", str(untrained_weights), "--data", str(tmp_path / "data")]
     line = fails(args, capsys)
     assert line.startswith(f"edgequant analyze: error: data folder {tmp_path / 'data'} has no class folders")
     (tmp_path / "data" / "cat").mkdir()
@@ -353,7 +362,7 @@ def test_weights_are_required_except_for_digits_with_torchvision(tmp_path, capsy
     assert error == "edgequant ptq: error: stop here (RuntimeError; rerun with --debug for the traceback)"
 
 
-def test_model_and_data_class_counts_must_agree(weights, tmp_path, capsys):
+def test_model_and_data_class_counts_must_agree(tmp_path, capsys):
     torch.save(small_cnn(num_classes=4).state_dict(), tmp_path / "four.pt")
     args = ["ptq", SPEC, "--num-classes", "4", "--weights", str(tmp_path / "four.pt"), "--data", "digits"]
     line = fails([*args, "-o", str(tmp_path / "m.onnx")], capsys)
