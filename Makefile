@@ -47,3 +47,12 @@ bench-peers:
 	$(PEERS_VENV)/bin/pip install --quiet -c constraints.txt -e .
 	$(PEERS_VENV)/bin/pip install --quiet -c constraints.txt -r benchmarks/peers-requirements.txt
 	$(PEERS_VENV)/bin/python benchmarks/peers.py --list
+
+# Model coverage (docs/coverage.md): every torchvision model, then the timm list in benchmarks/zoo.py.
+# timm comes from the `zoo` extra, for the benchmark only; constraints.txt keeps torch at its pin.
+# Random weights (timm's pretrained=False): nothing is downloaded. About an hour on 2 cores.
+.PHONY: bench-zoo
+bench-zoo: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,zoo]'
+	nice -n 19 $(BIN)/python benchmarks/zoo.py
+	nice -n 19 $(BIN)/python benchmarks/zoo.py --library timm

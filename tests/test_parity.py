@@ -7,7 +7,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgequant import ParityDriftWarning, ParityError, QATModule
+from edgequant import ParityDriftWarning, ParityError, QATModule, parity
 from edgequant.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
 
 from .conftest import FloatNormNet
@@ -153,3 +153,32 @@ def test_rounding_is_one_step_on_at_most_one_percent_or_one_value():
     assert divergence(1, 12).is_rounding  # one tie in a 12-value head is still rounding
     assert not divergence(2, 12).is_rounding
     assert not divergence(1, 10_000, max_lsb=2).is_rounding
+
+
+def test_checks_run_in_chunks_and_locate_the_divergence_in_any_chunk(exported, tmp_path, monkeypatch):
+    path, reference, inputs, _ = exported
+    batch = torch.cat([inputs[0]] * 4)[: 2 * parity.CHECK_BATCH + 3]  # three chunks, the last one short
+    seen = []
+    forward = reference.forward
+    monkeypatch.setattr(reference, "forward", lambda *args: seen.append(args[0].shape[0]) or forward(*args))
+    report = compare(str(path), reference, (batch,))
+    assert seen == [parity.CHECK_BATCH, parity.CHECK_BATCH, 3] and report.samples == batch.shape[0]
+    # A difference only in the last chunk's samples is found there, counted over every chunk's values.
+    original = parity.run_onnx
+
+    def off_by_one_step_in_last_chunk(sess, part):
+        outputs = original(sess, part)
+        if part[0].shape[0] == 3:
+            name = [o.name for o in sess.get_outputs()].index(first_q)
+            outputs[name] = outputs[name].copy()
+            outputs[name].flat[0] += 1
+        return outputs
+
+    first_q = next(n.name for n in reference.graph.nodes if n.target in parity.Q_OPS)
+    monkeypatch.setattr(parity, "run_onnx", off_by_one_step_in_last_chunk)
+    divergence = locate_divergence(str(path), reference, (batch,))
+    assert divergence is not None and divergence.tensor == first_q and divergence.count == 1
+    recorder = parity._Recorder(reference)
+    with torch.no_grad():
+        recorder.run(batch)
+    assert divergence.size == recorder.values[first_q].numel()  # all samples' values, not one chunk's

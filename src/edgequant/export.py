@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from .files import atomic_path, check_writable, keep_as
-from .parity import ParityError, ParityReport, compare, reexport, session
+from .parity import ParityError, ParityReport, compare, reexport, session, torch_outputs
 from .scheme import Scheme
 from .tidl import write_deploy_files
 
@@ -81,8 +81,7 @@ def check_eval(converted: GraphModule, inputs: tuple[torch.Tensor, ...], eval_ou
     Eval mode runs the integer model, so the two must be equal bit for bit; anything
     else means eval shows an accuracy that is not the exported model's.
     """
-    with torch.no_grad():
-        expected = tree_leaves(converted(*inputs))
+    expected = torch_outputs(converted, inputs)
     seen = tree_leaves(eval_outputs)
     worst, agree, total = 0.0, 0, 0
     for e, s in zip(expected, seen, strict=True):

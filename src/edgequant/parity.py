@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch.fx import GraphModule, Interpreter, Node
+from torch.utils._pytree import tree_leaves
 
 from .errors import ParityDriftWarning
 from .quantizer import MOVEMENT_OPS
@@ -69,6 +70,8 @@ class ParityError(RuntimeError):
 # A rounding-level difference: the first diverging tensor is off by one step on at
 # most this fraction of its values. Anything larger is a real disagreement.
 ROUNDING_FRACTION = 0.01
+# Samples per forward pass of the checks (torch and onnxruntime alike).
+CHECK_BATCH = 8
 # Rounding-level drift usually keeps the two runtimes' outputs this close (SQNR of
 # onnxruntime's outputs against torch's, over every sample compared); below it, the
 # export warns (ParityDriftWarning) and the zoo benchmark counts a model as failed.
@@ -184,6 +187,21 @@ def run_onnx(sess: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> li
     return sess.run(None, feed)
 
 
+def chunks(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """`inputs` split into batches of CHECK_BATCH samples: the checks' memory stays bounded at large inputs."""
+    n = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if n <= CHECK_BATCH:
+        return [inputs]
+    return [tuple(x[i : i + CHECK_BATCH] for x in inputs) for i in range(0, n, CHECK_BATCH)]
+
+
+def torch_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The model's output tensors (flattened) over `inputs`, computed a chunk at a time."""
+    with torch.no_grad():
+        parts = [tree_leaves(model(*part)) for part in chunks(inputs)]
+    return parts[0] if len(parts) == 1 else [torch.cat(leaves) for leaves in zip(*parts, strict=True)]
+
+
 def output_steps(model: GraphModule) -> list[float | None]:
     """Quantization step of each graph output (None for outputs left in float)."""
     out = next(n for n in model.graph.nodes if n.op == "output")
@@ -199,6 +217,11 @@ def output_steps(model: GraphModule) -> list[float | None]:
 
 def _as_list(y: object) -> list[torch.Tensor]:
     return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
+def _joined(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-chunk output lists joined along the batch."""
+    return parts[0] if len(parts) == 1 else [np.concatenate(arrays) for arrays in zip(*parts, strict=True)]
 
 
 def output_sqnr_db(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
@@ -225,9 +248,10 @@ def compare(
     says so.
     """
     sess = sess or session(onnx_path)
+    parts = chunks(inputs)
     with torch.no_grad():
-        expected = [t.detach().numpy() for t in _as_list(model(*inputs))]
-    actual = run_onnx(sess, inputs)
+        expected = _joined([[t.detach().numpy() for t in _as_list(model(*part))] for part in parts])
+    actual = _joined([run_onnx(sess, part) for part in parts])
     steps = output_steps(model)
     worst, agree, total, too_far, flips = 0.0, 0, 0, [], []
     for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
@@ -324,21 +348,33 @@ def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Te
     """The first quantized tensor (in graph order) where torch and onnxruntime differ, if any."""
     proto = onnx.load(onnx_path)
     produced = {o for node in proto.graph.node for o in node.output}
-    recorder = _Recorder(model)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    names = [n for n in recorder.values if n in produced]
-    existing = {o.name for o in proto.graph.output}
+    sess, names = None, []
+    # Per quantized tensor, over all chunks: [values that differ, values, largest difference in steps].
+    tally: dict[str, list[int]] = {}
+    for part in chunks(inputs):
+        recorder = _Recorder(model)
+        with torch.no_grad():
+            recorder.run(*part)
+        if sess is None:
+            names = [n for n in recorder.values if n in produced]
+            existing = {o.name for o in proto.graph.output}
+            for name in names:
+                if name not in existing:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            sess = session(proto.SerializeToString())
+        got = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, part), strict=True))
+        for name in names:
+            want, have = recorder.values[name].numpy(), got.get(name)
+            if have is None:
+                continue
+            count = tally.setdefault(name, [0, 0, 0])
+            count[1] += want.size
+            if not np.array_equal(want, have):
+                count[0] += int((want != have).sum())
+                count[2] = max(count[2], int(np.abs(want.astype(np.int64) - have.astype(np.int64)).max()))
     for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = session(proto.SerializeToString())
-    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
-    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
-    for name in names:
-        want = recorder.values[name].numpy()
-        if name in got and not np.array_equal(want, got[name]):
+        differ, size, lsb = tally.get(name, (0, 0, 0))
+        if differ:
             node = next(n for n in model.graph.nodes if n.name == name)
-            lsb = int(np.abs(want.astype(np.int64) - got[name].astype(np.int64)).max())
-            return Divergence(name, _module_path(node), int((want != got[name]).sum()), want.size, lsb)
+            return Divergence(name, _module_path(node), differ, size, lsb)
     return None

@@ -17,6 +17,7 @@ from .convert import convert
 from .errors import InputShapeError
 from .export import ExportResult, export_onnx
 from .files import check_writable
+from .parity import torch_outputs
 from .scheme import Scheme, get_scheme
 
 # Samples the export's onnxruntime check runs on: the first ones the wrapper calibrated or
@@ -163,6 +164,5 @@ class QuantWrapper(nn.Module):
         check_writable(path)  # before the conversion, which takes a while on large models
         inputs = self.parity_inputs()
         converted = self.convert()
-        with torch.no_grad():
-            seen = self.integer_model()(*inputs)  # what eval mode computes
+        seen = torch_outputs(self.integer_model(), inputs)  # what eval mode computes
         return export_onnx(converted, inputs, path, self.scheme, opset, eval_outputs=seen)
