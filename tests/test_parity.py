@@ -7,7 +7,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgequant import ParityDriftWarning, ParityError, QATModule, parity
+from edgequant import EdgequantError, ParityDriftWarning, ParityError, QATModule, parity
 from edgequant.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
 
 from .conftest import FloatNormNet
@@ -62,8 +62,9 @@ def test_corrupted_weight_is_caught_and_located(exported, tmp_path):
     where = locate_divergence(str(bad), reference, inputs)
     assert where is not None and where.module == "conv2"  # the module whose output first differs
     assert where.max_lsb > 1 and not where.is_rounding
-    with pytest.raises(ParityError, match="conv2"):
+    with pytest.raises(ParityError, match="conv2") as info:
         compare(str(bad), reference, inputs)
+    assert isinstance(info.value, EdgequantError)  # one error base for what edgequant raises on purpose
 
 
 def test_output_sqnr_matches_its_definition():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import EdgequantError
 from .files import atomic_path
 from .observers import RangeObserver
 from .scheme import Scheme
@@ -30,7 +31,7 @@ _LAZY_RANGES = ("min_val", "max_val", "scale", "zero_point")
 _LISTED = 8  # keys named per kind of mismatch; the rest are counted
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EdgequantError, RuntimeError):
     """A checkpoint that does not fit the wrapper it is loaded into."""
 
 

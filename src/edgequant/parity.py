@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_leaves
 
-from .errors import ParityDriftWarning
+from .errors import EdgequantError, ParityDriftWarning
 from .quantizer import MOVEMENT_OPS
 from .scales import is_power_of_2
 
@@ -63,7 +63,7 @@ EXACT_OPS = frozenset(
 )
 
 
-class ParityError(RuntimeError):
+class ParityError(EdgequantError, RuntimeError):
     """onnxruntime and the converted torch model disagree."""
 
 
