@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,9 +18,6 @@ from .qat import QATModule
 from .training import DEFAULT_RECIPE, accuracy, cache_dir, float_digits_model, onnx_accuracy, train_epochs
 
 T = TypeVar("T")
-# The float model the demo starts from: the default recipe, shortened so that `make demo`
-# fits in 5 minutes on 2 cores (resnet18 reaches 99.2% in 6 epochs, 99.4% in 15).
-FLOAT_EPOCHS = 6
 
 
 def _timed(times: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
@@ -40,10 +36,9 @@ def run(model_name: str, qat_epochs: int, lr: float, out_dir: Path) -> dict[str,
     test = digits_loader("test", batch_size=128)
     times: dict[str, float] = {}
     print(f"edgequant demo: {model_name} on scikit-learn digits (32x32), scheme int8_pow2")
-    recipe = replace(DEFAULT_RECIPE, epochs=FLOAT_EPOCHS)
-    cached = (cache_dir() / recipe.cache_name(model_name)).exists()
-    stage = "float model (cached)" if cached else f"float training ({FLOAT_EPOCHS} epochs, once, then cached)"
-    model = _timed(times, stage, lambda: float_digits_model(model_name, recipe=recipe))
+    cached = (cache_dir() / DEFAULT_RECIPE.cache_name(model_name)).exists()
+    stage = "float model (cached)" if cached else "float training (once, then cached)"
+    model = _timed(times, stage, lambda: float_digits_model(model_name))
     float_top1 = _timed(times, "float evaluation", lambda: accuracy(model, test))
     example = (next(iter(train))[0][:16],)
     calib = digits_loader("train", batch_size=64, limit=256, shuffle=False)
