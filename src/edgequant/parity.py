@@ -71,7 +71,7 @@ class ParityError(EdgequantError, RuntimeError):
 # most this fraction of its values. Anything larger is a real disagreement.
 ROUNDING_FRACTION = 0.01
 # Samples per forward pass of the checks (torch and onnxruntime alike).
-CHECK_BATCH = 8
+CHECK_BATCH = 4
 # Rounding-level drift usually keeps the two runtimes' outputs this close (SQNR of
 # onnxruntime's outputs against torch's, over every sample compared); below it, the
 # export warns (ParityDriftWarning) and the zoo benchmark counts a model as failed.
