@@ -160,7 +160,6 @@ def test_html_renders_in_headless_chromium(tmp_path):
         timeout=120,
     )
     image = Image.open(png).convert("RGB")
-    assert image.size == (1300, 1400)
     colours = Counter(image.getdata())
     assert len(colours) > 50  # text, tables and plots, not a blank page
 
