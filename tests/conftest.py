@@ -149,7 +149,7 @@ def ort_qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
 
 
 def run_qat_resume_script(out, *args: str, ranks: int = 0) -> str:
-    """Run tests/qat_resume_script.py (under torchrun with `ranks` > 0); its stdout, asserting it finished."""
+    """Run tests/qat_resume_script.py (under torchrun with `ranks` > 0): its stdout, exit code and stderr tail."""
     script = Path(__file__).with_name("qat_resume_script.py")
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--max-restarts", "1"]
     command = [sys.executable, *(launcher if ranks else []), str(script), str(out), *args]
