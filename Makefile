@@ -22,7 +22,7 @@ $(CHROMIUM):
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 demo: $(STAMP)
-	$(BIN)/python -m edgequant.demo
+	$(BIN)/python -m edgequant.demo.job
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .

@@ -72,8 +72,8 @@ def quantize_on_digits(name: str, scheme: object, epochs: int, lr: float, workdi
     ONNX in onnxruntime; plus the QAT wrapper and its file under "_qmodel" / "_path".
     """
     import edgequant as eq
-    from edgequant.data import digits_loader, digits_tensors
-    from edgequant.training import accuracy, float_digits_model, onnx_accuracy, train_epochs
+    from edgequant.demo.data import digits_loader, digits_tensors
+    from edgequant.demo.training import accuracy, float_digits_model, onnx_accuracy, train_epochs
 
     torch.manual_seed(0)
     train = digits_loader("train", batch_size=64)

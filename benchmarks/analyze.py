@@ -28,9 +28,10 @@ import torch
 from _common import save, table
 
 import edgequant as eq
-from edgequant.analysis import VERDICT_FINE, VERDICT_OUTSIDE, VERDICT_QUANTIZATION, analyze
-from edgequant.data import digits_loader, digits_tensors
-from edgequant.training import accuracy, float_digits_model, onnx_accuracy
+from edgequant.demo.data import digits_loader, digits_tensors
+from edgequant.demo.training import accuracy, float_digits_model, onnx_accuracy
+from edgequant.diagnose.analysis import analyze
+from edgequant.diagnose.results import VERDICT_FINE, VERDICT_OUTSIDE, VERDICT_QUANTIZATION
 
 SCHEME = "int8_pow2"
 TOLERANCE_POINTS = 0.6

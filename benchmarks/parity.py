@@ -22,9 +22,10 @@ import torch
 from _common import save, table
 
 import edgequant as eq
-from edgequant.data import digits_loader, digits_tensors
-from edgequant.parity import output_steps, run_onnx, session
-from edgequant.training import float_digits_model
+from edgequant.demo.data import digits_loader, digits_tensors
+from edgequant.demo.training import float_digits_model
+from edgequant.export.parity import output_steps
+from edgequant.export.runtime import run_onnx, session
 
 DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small"]
 

@@ -8,7 +8,7 @@ Every peer is called the same way, `PEERS[name](model, calib, per_channel, power
 with a float model and a calibration batch (N, 3, H, W), and returns a `Quantized`: a
 callable from a float batch to the logits of that peer's *quantized* model. Where the
 peer exports ONNX (all of them here), the logits come from its exported file run in
-onnxruntime through `edgequant.parity.session`, as ours are measured in benchmarks/ptq.py;
+onnxruntime through `edgequant.export.runtime.session`, as ours are measured in benchmarks/ptq.py;
 `Quantized.runtime` says which. Each peer runs its own recommended PTQ recipe, named in
 its docstring; `Peer.variants` lists the (per_channel, power_of_2) pairs it implements.
 
@@ -42,7 +42,7 @@ import torch
 from _common import table
 from onnx import numpy_helper
 
-from edgequant.parity import session
+from edgequant.export.runtime import session
 
 # NNCF reports usage through openvino-telemetry unless it believes it runs in CI; a benchmark sends nothing.
 os.environ.setdefault("NNCF_CI", "1")
@@ -458,7 +458,7 @@ def smoke_model(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """A random-weight torchvision resnet18 with BN statistics warmed on digits, and the digits images."""
     import torchvision
 
-    from edgequant.data import digits_tensors
+    from edgequant.demo.data import digits_tensors
 
     torch.manual_seed(seed)
     images = digits_tensors("train")[0]

@@ -28,8 +28,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
 import edgequant as eq
-from edgequant.data import digits_loader, digits_tensors
-from edgequant.training import accuracy, float_digits_model, onnx_accuracy
+from edgequant.demo.data import digits_loader, digits_tensors
+from edgequant.demo.training import accuracy, float_digits_model, onnx_accuracy
 
 DYNAMIC = ({0: torch.export.Dim("batch")},)
 

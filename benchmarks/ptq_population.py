@@ -7,7 +7,7 @@
 
 One figure per architecture, from one recipe, proves little: on a model trained the way the
 method's authors train, every method sits at float. The population here is every model of
-`--models` trained with every recipe of `--recipes` (edgequant.training.RECIPES: default,
+`--models` trained with every recipe of `--recipes` (edgequant.demo.training.RECIPES: default,
 high learning rate, Adam without weight decay, short, another seed without label
 smoothing), each cached in ~/.cache/edgequant after its first training.
 
@@ -46,9 +46,9 @@ import torch
 from _common import RESULTS, save, table
 
 import edgequant as eq
-from edgequant.data import digits_tensors
-from edgequant.parity import run_onnx, session
-from edgequant.training import RECIPES, float_digits_model
+from edgequant.demo.data import digits_tensors
+from edgequant.demo.training import RECIPES, float_digits_model
+from edgequant.export.runtime import run_onnx, session
 
 MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5"]
 POPULATION_RECIPES = ["default", "high_lr", "adam_no_wd", "short", "seed1_no_ls"]

@@ -3,7 +3,7 @@
     python benchmarks/qat_accuracy.py [--epochs 3] [--lr 1e-3] [--models resnet18 mobilenet_v2@high_lr ...]
 
 A model is `name` (the default float recipe) or `name@recipe` (a recipe of
-edgequant.training.RECIPES; `mobilenet_v2@high_lr` is trained with ten times the
+edgequant.demo.training.RECIPES; `mobilenet_v2@high_lr` is trained with ten times the
 learning rate and comes out with dead channels). For each model, QAT follows the
 README snippet (SGD, momentum 0.9, weight decay 1e-4) twice: from the plain start
 (`QATModule(model, ...)`) and from the PTQ recipe (`calibration_data=`, 128 images).
@@ -29,9 +29,9 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
 import edgequant as eq
-from edgequant.data import digits_loader, digits_tensors
-from edgequant.parity import run_onnx, session
-from edgequant.training import accuracy, float_digits_model, onnx_accuracy
+from edgequant.demo.data import digits_loader, digits_tensors
+from edgequant.demo.training import accuracy, float_digits_model, onnx_accuracy
+from edgequant.export.runtime import run_onnx, session
 
 DEFAULT_MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "mobilenet_v2@high_lr"]
 

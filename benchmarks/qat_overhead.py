@@ -21,7 +21,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
 import edgequant as eq
-from edgequant.training import build_model
+from edgequant.demo.training import build_model
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):

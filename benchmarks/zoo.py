@@ -168,10 +168,10 @@ def construct(message: str) -> str:
 def run_one(name: str, library: str, scheme: str, size: int | None, status: Path) -> None:
     """Run the chain for one model, writing the row (stage reached, error) to `status` after each stage."""
     import edgequant as eq
-    from edgequant.capture import CaptureError
-    from edgequant.data import digits_tensors
-    from edgequant.parity import PARITY_SQNR_DB
-    from edgequant.quantizer import UnquantizedOpsWarning
+    from edgequant.demo.data import digits_tensors
+    from edgequant.export.parity import PARITY_SQNR_DB
+    from edgequant.graph.capture import CaptureError
+    from edgequant.graph.quantizer import UnquantizedOpsWarning
 
     row: dict = {"model": name, "library": library, "scheme": scheme, "stage": "build", "ok": False}
     if size:
@@ -393,7 +393,7 @@ def _rows_table(rows: list[dict]) -> str:
 
 def section(library: str, saved: dict) -> list[str]:
     """The page's section for one library: its counts, the table and the failures."""
-    from edgequant.parity import PARITY_SQNR_DB
+    from edgequant.export.parity import PARITY_SQNR_DB
 
     rows = saved["rows"]
     main = [r for r in rows if r.get("scheme", DEFAULT_SCHEME) == DEFAULT_SCHEME and "size_arg" not in r]
@@ -467,7 +467,7 @@ def section(library: str, saved: dict) -> list[str]:
 
 
 def write_coverage() -> None:
-    from edgequant.parity import PARITY_SQNR_DB
+    from edgequant.export.parity import PARITY_SQNR_DB
 
     lines = [
         "# Model coverage",
@@ -478,7 +478,7 @@ def write_coverage() -> None:
         "`benchmarks/zoo.py` (`--render` rewrites it from the saved results); do not edit by hand.",
         "",
         "A row passes when onnxruntime and torch agree: the SQNR of onnxruntime's outputs against torch's",
-        f"is at least {PARITY_SQNR_DB:g} dB (`edgequant.parity.PARITY_SQNR_DB`). Rows marked `pass (old rule)`",
+        f"is at least {PARITY_SQNR_DB:g} dB (`edgequant.export.parity.PARITY_SQNR_DB`). Rows marked `pass (old rule)`",
         "were measured before that rule, when a pass meant only that the export and its parity check did",
         "not raise; they have no SQNR and keep that mark until they are rerun (`--update --models ...`).",
         "SQNR `exact`: onnxruntime's outputs equal torch's bit for bit (as they must with 8-bit power-of-2",

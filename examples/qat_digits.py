@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.data import digits_loader
-from edgequant.training import FLOAT_EPOCHS, accuracy, float_digits_model, onnx_accuracy
+from edgequant.demo.data import digits_loader
+from edgequant.demo.training import FLOAT_EPOCHS, accuracy, float_digits_model, onnx_accuracy
 
 
 def main(argv: list[str] | None = None) -> None:

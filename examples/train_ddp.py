@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 import edgequant as eq
-from edgequant.data import digits_tensors
-from edgequant.training import float_digits_model
+from edgequant.demo.data import digits_tensors
+from edgequant.demo.training import float_digits_model
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,8 +17,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.data import digits_tensors
-from edgequant.training import build_model, float_digits_model
+from edgequant.demo.data import digits_tensors
+from edgequant.demo.training import build_model, float_digits_model
 
 ZOO = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 # Fixtures that train digits models or build zoo models: a test that takes one is slow by

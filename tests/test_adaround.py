@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.adaround import round_layer
-from edgequant.bias_correction import ObservedLayer, observed_layers, quantized_weight
-from edgequant.data import digits_tensors
-from edgequant.observers import RangeObserver
+from edgequant.demo.data import digits_tensors
+from edgequant.graph.adaround import round_layer
+from edgequant.graph.bias_correction import ObservedLayer, observed_layers, quantized_weight
+from edgequant.numerics.observers import RangeObserver
 
 
 class Net(nn.Module):

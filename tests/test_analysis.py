@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgequant as eq
-from edgequant.analysis import (
-    VERDICT_OUTSIDE,
-    VERDICT_QUANTIZATION,
+from edgequant.demo.data import digits_tensors
+from edgequant.diagnose.analysis import (
     BitWidthSimulator,
     analyze,
     fidelity,
@@ -18,8 +17,8 @@ from edgequant.analysis import (
     sixteen_bit,
     sqnr_db,
 )
-from edgequant.data import digits_tensors
-from edgequant.observers import RangeObserver
+from edgequant.diagnose.results import VERDICT_OUTSIDE, VERDICT_QUANTIZATION
+from edgequant.numerics.observers import RangeObserver
 
 LAYERS = ["stem.0", "block.0", "block.3", "head.0", "fc"]
 

@@ -4,8 +4,7 @@ import torch
 from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-from edgequant.batchnorm import (
-    BN_OPS,
+from edgequant.graph.batchnorm import (
     attach_bn_factors,
     fold_fused_bn,
     fuse_conv_bn_for_qat,
@@ -13,9 +12,10 @@ from edgequant.batchnorm import (
     set_graph_training,
     zero_dead_channels,
 )
-from edgequant.capture import capture
-from edgequant.quantizer import EdgeQuantizer
-from edgequant.scheme import get_scheme
+from edgequant.graph.capture import capture
+from edgequant.graph.ops import BN_OPS
+from edgequant.graph.quantizer import EdgeQuantizer
+from edgequant.numerics.scheme import get_scheme
 
 
 class ConvBN(nn.Module):

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.bias_correction import mean_shift
+from edgequant.graph.bias_correction import mean_shift
 
 
 def test_mean_shift_matches_direct_computation():

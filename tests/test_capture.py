@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant.capture import MODEL_CLASS_KEY, CaptureError, capture, check_example_inputs
+from edgequant.graph.capture import MODEL_CLASS_KEY, CaptureError, capture, check_example_inputs
 
 
 class Branchy(nn.Module):

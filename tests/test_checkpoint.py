@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.checkpoint import CheckpointError
+from edgequant.wrappers.checkpoint import CheckpointError
 
 from .conftest import run_qat_resume_script
 

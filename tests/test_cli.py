@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from edgequant import cli, demo
-from edgequant.cli import build_parser, main
-from edgequant.loading import digits_data
-from edgequant.parity import session
-from edgequant.training import accuracy, train_epochs
+from edgequant.cli import main as cli
+from edgequant.cli.loading import digits_data
+from edgequant.cli.main import build_parser, main
+from edgequant.demo import job as demo
+from edgequant.demo.training import accuracy, train_epochs
+from edgequant.export.runtime import session
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "tests.test_cli:small_cnn"
@@ -78,7 +79,7 @@ def untrained_weights(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edgequant.cli", *args],
+        [sys.executable, "-m", "edgequant.cli.main", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -148,7 +149,7 @@ def test_demo_runs_the_demo_with_its_options(monkeypatch, capsys, tmp_path):
         calls.append((model_name, qat_epochs, lr, out_dir))
         return {"float": 99.0, "onnxruntime": 98.5}
 
-    monkeypatch.setattr("edgequant.demo.run", run)
+    monkeypatch.setattr("edgequant.demo.job.run", run)
     assert main(["demo", "--model", "mobilenet_v2", "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path)]) == 0
     assert calls == [("mobilenet_v2", 2, 1e-3, tmp_path)]
     assert capsys.readouterr().out == "demo output\n"
@@ -267,7 +268,7 @@ def test_ptq_on_an_image_folder(tmp_path, capsys):
 
 def test_console_script_points_at_main():
     (script,) = entry_points(group="console_scripts", name="edgequant")
-    assert script.value == "edgequant.cli:main"
+    assert script.value == "edgequant.cli.main:main"
 
 
 @pytest.mark.parametrize("command", ["demo", "check", "analyze", "ptq", "qat"])

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from edgequant.capture import capture
-from edgequant.clipping import clip_weights
+from edgequant.graph.capture import capture
+from edgequant.graph.clipping import clip_weights
 
 
 def test_outlier_weight_is_clipped_and_others_kept():

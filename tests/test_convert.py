@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgequant import QATModule
-from edgequant.parity import DQ_OPS
+from edgequant.graph.ops import DQ_OPS
 
 from .conftest import FloatNormNet
 

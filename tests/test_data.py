@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from edgequant.data import digits_loader, digits_tensors
+from edgequant.demo.data import digits_loader, digits_tensors
 
 
 def test_split_sizes_shapes_and_range():

@@ -22,9 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import edgequant as eq
-from edgequant import distributed
-from edgequant.batchnorm import BN_OP, FUSED_BN_OP, fuse_conv_bn_for_qat, set_graph_training
-from edgequant.capture import capture
+from edgequant.graph.batchnorm import fuse_conv_bn_for_qat, set_graph_training
+from edgequant.graph.capture import capture
+from edgequant.graph.ops import BN_OP, FUSED_BN_OP
+from edgequant.numerics import distributed
 
 from .conftest import run_qat_resume_script
 

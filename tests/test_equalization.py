@@ -3,9 +3,10 @@ import operator
 import torch
 from torch import nn
 
-from edgequant.batchnorm import fold_bn, set_graph_training
-from edgequant.capture import capture
-from edgequant.equalization import BOUND_OP, equalize, pairs
+from edgequant.graph.batchnorm import fold_bn, set_graph_training
+from edgequant.graph.capture import capture
+from edgequant.graph.equalization import equalize, pairs
+from edgequant.graph.ops import BOUND_OP
 
 
 class Chain(nn.Module):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgequant.data import digits_tensors
-from edgequant.parity import session
-from edgequant.training import FLOAT_EPOCHS, RECIPE
+from edgequant.demo.data import digits_tensors
+from edgequant.demo.training import FLOAT_EPOCHS, RECIPE
+from edgequant.export.runtime import session
 
 from .conftest import warmed_model
 

@@ -2,9 +2,9 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.exponents import CANDIDATE_SHIFTS, output_errors
-from edgequant.observers import RangeObserver
-from edgequant.scales import is_power_of_2
+from edgequant.graph.exponents import CANDIDATE_SHIFTS, output_errors
+from edgequant.numerics.observers import RangeObserver
+from edgequant.numerics.scales import is_power_of_2
 
 
 def _measured_output_error(w: torch.Tensor, qw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ import torchvision
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from edgequant import PTQModule, QATModule, export
-from edgequant.export import choose_opset
-from edgequant.parity import ParityError, run_onnx, session
+from edgequant import PTQModule, QATModule
+from edgequant.export import onnx as export
+from edgequant.export.onnx import choose_opset
+from edgequant.export.parity import ParityError
+from edgequant.export.runtime import run_onnx, session
 
 from .conftest import qdq_nodes
 

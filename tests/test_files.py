@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from edgequant import files
+from edgequant.core import files
 
 
 @pytest.mark.parametrize("anonymous", [True, False])

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgequant.guidelines import Finding, check, checked_codes, format_findings
-from edgequant.training import build_model
+from edgequant.demo.training import build_model
+from edgequant.diagnose.guidelines import Finding, check, checked_codes, format_findings
 
 DOC = Path(__file__).parents[1] / "docs" / "guidelines.md"
 CODES = (

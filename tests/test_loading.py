@@ -4,8 +4,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from edgequant.data import digits_tensors
-from edgequant.loading import (
+from edgequant.cli.loading import (
     DataError,
     ModelSpecError,
     WeightsError,
@@ -15,6 +14,7 @@ from edgequant.loading import (
     load_weights,
     resolve_model,
 )
+from edgequant.demo.data import digits_tensors
 
 
 def small_net(num_classes: int = 10) -> nn.Module:

@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgequant import scales
-from edgequant.observers import FakeQuantize, RangeObserver
+from edgequant.numerics import scales
+from edgequant.numerics.observers import FakeQuantize, RangeObserver
 
 from .conftest import OFFSETS, PROPERTY, ort_qdq
 

@@ -7,8 +7,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgequant import EdgequantError, ParityDriftWarning, ParityError, QATModule, parity
-from edgequant.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
+from edgequant import EdgequantError, ParityDriftWarning, ParityError, QATModule
+from edgequant.export import parity
+from edgequant.export.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
 
 from .conftest import FloatNormNet
 
@@ -91,7 +92,7 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     exported, monkeypatch, samples, drift, passes
 ):
     """Rounding-level first divergence; top-1 flips on every sample: the file passes, whatever the count."""
-    import edgequant.parity as parity
+    import edgequant.export.parity as parity
 
     path, reference, _, _ = exported
     torch_out, ort_out = _near_tied_outputs(samples, drift)
@@ -119,7 +120,7 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     [(Two, "int8_pow2", True), (Two, "int8", False), (Two, "int16_pow2", False), (FloatNormNet, "int8_pow2", False)],
 )
 def test_bit_exact_only_for_int8_pow2_graphs_without_float_ops(model, scheme, exact):
-    from edgequant.parity import is_exact
+    from edgequant.export.parity import is_exact
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)
@@ -133,8 +134,8 @@ def test_bit_exact_only_for_int8_pow2_graphs_without_float_ops(model, scheme, ex
 def test_export_judges_parity_on_calibration_samples_not_the_example_batch(tmp_path):
     """A random BN-warmed mobilenet_v2 at 224x224, int8 PTQ, an example batch of 2: ties flip, the file passes."""
     import edgequant as eq
-    from edgequant.data import digits_tensors
-    from edgequant.wrapper import PARITY_SAMPLES
+    from edgequant.demo.data import digits_tensors
+    from edgequant.wrappers.base import PARITY_SAMPLES
 
     from .conftest import warmed_model
 

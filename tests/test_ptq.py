@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import edgequant as eq
-from edgequant.data import digits_loader
-from edgequant.parity import run_onnx, session
-from edgequant.training import accuracy
+from edgequant.demo.data import digits_loader
+from edgequant.demo.training import accuracy
+from edgequant.export.runtime import run_onnx, session
 
 from .conftest import warmed_model
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.parity import run_onnx, session
+from edgequant.export.runtime import run_onnx, session
 
 from .conftest import ZOO, qdq_nodes, warmed_model
 
@@ -136,7 +136,7 @@ def test_users_float_model_is_left_untouched(digits_train):
 
 
 def test_qat_from_ptq_starts_where_ptq_ended(digits_model, digits_test, tmp_path):
-    from edgequant.data import digits_loader
+    from edgequant.demo.data import digits_loader
 
     x, _ = digits_test
     calib = digits_loader("train", batch_size=32, limit=64, shuffle=False)
@@ -237,7 +237,7 @@ def _mobilenet_with_dead_channel(model: nn.Module, channel: int = 3) -> nn.Modul
 
 @pytest.mark.slow
 def test_dead_channel_model_trains_without_nan_and_ends_near_float(digits_model, digits_train, digits_test):
-    from edgequant.training import accuracy
+    from edgequant.demo.training import accuracy
 
     x, y = digits_train
     model = _mobilenet_with_dead_channel(digits_model("mobilenet_v2"))

@@ -7,7 +7,7 @@ head) combines into graphs nobody wrote by hand. For each generated net:
 - int8_pow2: onnxruntime on the exported file equals the integer model bit for bit (max |diff| == 0),
   both in export's own check and when we run the file ourselves on fresh inputs;
 - int8 / int16 (free scales, 16 bit): onnxruntime may differ only by the rounding rule of
-  `edgequant.parity` (the first diverging quantized tensor is off by one step on under
+  `edgequant.export.parity` (the first diverging quantized tensor is off by one step on under
   ROUNDING_FRACTION of its values, `Divergence.is_rounding`);
 - eval mode of the wrapper equals `convert()` bit for bit.
 
@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import edgequant as eq
-from edgequant.parity import compare, is_exact, locate_divergence, output_steps, reexport, session_options
+from edgequant.export.parity import compare, is_exact, locate_divergence, output_steps, reexport
+from edgequant.export.runtime import session_options
 
 # --- architecture specs ---------------------------------------------------------------------------------------
 

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 import edgequant as eq
-from edgequant.analysis import VERDICT_OUTSIDE, VERDICT_QUANTIZATION, AnalysisReport, Fidelity, LayerSensitivity
-from edgequant.report import KEEP16_COLOUR, ONLY8_COLOUR, TEXT_LAYERS, WEIGHT_COLOUR, recommendation_code
+from edgequant.diagnose.report import (
+    KEEP16_COLOUR,
+    ONLY8_COLOUR,
+    TEXT_LAYERS,
+    WEIGHT_COLOUR,
+    AnalysisReport,
+    recommendation_code,
+)
+from edgequant.diagnose.results import VERDICT_OUTSIDE, VERDICT_QUANTIZATION, Fidelity, LayerSensitivity
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAYER_COUNT = 40

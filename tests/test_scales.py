@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgequant import scales
+from edgequant.numerics import scales
 
 from .conftest import OFFSETS, PROPERTY, ort_qdq
 
@@ -202,8 +202,8 @@ def _ties_where_the_reciprocal_rounds_otherwise(scale: np.float32, bits: int) ->
 @pytest.mark.parametrize("scale", [0.013702594, 4.9712042e-05, 0.37])
 def test_every_quantizer_rounds_like_onnxruntime_where_the_reciprocal_would_not(scale, bits):
     """fake-quant, the converted model's quantize ops, the analysis simulator and scales.quantize all divide."""
-    from edgequant.analysis import _Switch
-    from edgequant.observers import FakeQuantize, RangeObserver
+    from edgequant.diagnose.analysis import _Switch
+    from edgequant.numerics.observers import FakeQuantize, RangeObserver
 
     scale = np.float32(scale)
     x = _ties_where_the_reciprocal_rounds_otherwise(scale, bits)

@@ -5,8 +5,8 @@ import torch
 from onnx import numpy_helper
 
 import edgequant as eq
-from edgequant.parity import run_onnx, session
-from edgequant.tidl import Layer, layers, options, strip_int16
+from edgequant.export.runtime import run_onnx, session
+from edgequant.export.tidl import Layer, layers, options, strip_int16
 
 
 def test_options_for_each_kind_of_scheme():

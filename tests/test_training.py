@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from edgequant import QATModule
-from edgequant.data import digits_loader, digits_tensors
-from edgequant.training import accuracy, build_model, float_digits_model, onnx_accuracy
+from edgequant.demo.data import digits_loader, digits_tensors
+from edgequant.demo.training import accuracy, build_model, float_digits_model, onnx_accuracy
 
 
 @pytest.mark.slow

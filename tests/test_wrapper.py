@@ -7,8 +7,8 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 import edgequant as eq
-from edgequant.batchnorm import BN_OPS
-from edgequant.parity import run_onnx, session
+from edgequant.export.runtime import run_onnx, session
+from edgequant.graph.ops import BN_OPS
 
 
 class Residual(nn.Module):

@@ -8,11 +8,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_decomposed ops)
 
-from . import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
-from .analysis import AnalysisReport, analyze  # noqa: E402
-from .capture import CaptureError  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
-from .errors import (  # noqa: E402
+from .core.errors import (  # noqa: E402
     EdgequantError,
     InitialRangesWarning,
     InputShapeError,
@@ -20,14 +16,20 @@ from .errors import (  # noqa: E402
     NotCalibratedError,
     ParityDriftWarning,
 )
-from .export import ExportResult  # noqa: E402
-from .guidelines import Finding, check  # noqa: E402
-from .parity import ParityError, ParityReport  # noqa: E402
-from .ptq import PTQConfig, PTQModule  # noqa: E402
-from .qat import QATModule  # noqa: E402
-from .quantizer import UnquantizedOpsWarning  # noqa: E402
-from .schedule import FreezeSchedule  # noqa: E402
-from .scheme import PRESETS, Scheme, get_scheme  # noqa: E402
+from .core.version import __version__  # noqa: E402,F401
+from .diagnose.analysis import analyze  # noqa: E402
+from .diagnose.guidelines import Finding, check  # noqa: E402
+from .diagnose.report import AnalysisReport  # noqa: E402
+from .export.onnx import ExportResult  # noqa: E402
+from .export.parity import ParityError, ParityReport  # noqa: E402
+from .graph.capture import CaptureError  # noqa: E402
+from .graph.quantizer import UnquantizedOpsWarning  # noqa: E402
+from .numerics import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
+from .numerics.scheme import PRESETS, Scheme, get_scheme  # noqa: E402
+from .wrappers.checkpoint import CheckpointError  # noqa: E402
+from .wrappers.ptq import PTQConfig, PTQModule  # noqa: E402
+from .wrappers.qat import QATModule  # noqa: E402
+from .wrappers.schedule import FreezeSchedule  # noqa: E402
 
 __all__ = [
     "PRESETS",
@@ -55,4 +57,3 @@ __all__ = [
     "distributed",
     "get_scheme",
 ]
-__version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """`python -m edgequant`: the command line, for environments without the console script on PATH."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `edgequant` command line and its model and data loading."""

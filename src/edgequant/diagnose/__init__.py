@@ -1,0 +1,1 @@
+"""Is it quantization, and where: guidelines, per-layer analysis and its report."""

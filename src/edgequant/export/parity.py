@@ -1,0 +1,317 @@
+"""Run an exported ONNX file in onnxruntime and hold it to the converted torch model.
+
+The check is strict on purpose: with int32 biases and power-of-2 scales the two
+compute the same integers, so any difference is a bug to report, with the first
+quantized tensor where they part.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+from torch.utils._pytree import tree_leaves
+
+from ..core.errors import EdgequantError, ParityDriftWarning
+from ..graph.ops import DQ_OPS, EXACT_OPS, Q_OPS
+from ..numerics.scales import is_power_of_2
+from .runtime import run_onnx, session
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+
+
+class ParityError(EdgequantError, RuntimeError):
+    """onnxruntime and the converted torch model disagree."""
+
+
+# A rounding-level difference: the first diverging tensor is off by one step on at
+# most this fraction of its values. Anything larger is a real disagreement.
+ROUNDING_FRACTION = 0.01
+# Samples per forward pass of the checks (torch and onnxruntime alike).
+CHECK_BATCH = 4
+# Rounding-level drift usually keeps the two runtimes' outputs this close (SQNR of
+# onnxruntime's outputs against torch's, over every sample compared); below it, the
+# export warns (ParityDriftWarning) and the zoo benchmark counts a model as failed.
+PARITY_SQNR_DB = 30.0
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first quantized tensor, in graph order, where the two runtimes differ."""
+
+    tensor: str
+    module: str
+    count: int
+    size: int
+    max_lsb: int
+
+    @property
+    def is_rounding(self) -> bool:
+        """One step off on a few values; a single value always counts (a tie in a tiny head tensor)."""
+        return self.max_lsb <= 1 and self.count <= max(1.0, ROUNDING_FRACTION * self.size)
+
+    def __str__(self) -> str:
+        return (
+            f"first divergence at `{self.tensor}` (output of `{self.module}`): "
+            f"{self.count} of {self.size} values differ, by up to {self.max_lsb} LSB"
+        )
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float
+    output_step: float | None
+    top1_agreement: float
+    samples: int
+    sqnr_db: float = math.inf  # onnxruntime's outputs against torch's
+    rounding: Divergence | None = None
+    # (max |diff|, top-1 agreement) of the wrapper's eval mode vs the converted model.
+    eval_agreement: tuple[float, float] | None = None
+
+    def __str__(self) -> str:
+        step = f"{self.output_step:g}" if self.output_step else "float output"
+        text = (
+            f"onnxruntime vs torch: max |diff| {self.max_abs_diff:g} (output step {step}), "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}% on {self.samples} samples"
+        )
+        if math.isfinite(self.sqnr_db):
+            text += f", SQNR {self.sqnr_db:.1f} dB"
+        if self.rounding:
+            text += f"; rounding-level differences only ({self.rounding})"
+        if self.eval_agreement is not None:
+            diff, agree = self.eval_agreement
+            text += f"; eval mode vs converted model: max |diff| {diff:g}, top-1 agreement {100 * agree:.2f}%"
+        return text
+
+
+def _computes_in_float(node: Node) -> bool:
+    value = node.meta.get("val")
+    return (
+        node.op == "call_function"
+        and node.target not in EXACT_OPS
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+    )
+
+
+def is_exact(model: GraphModule) -> bool:
+    """True when torch and onnxruntime must agree bit for bit: 8-bit Q/DQ, power-of-2 scales.
+
+    Then every rescale is a shift and every accumulator stays far below 2**24, so
+    float32 on either side computes the exact integer result. Free scales, 16-bit
+    tensors or ops left in float (layer norm, softmax, ...) leave room for ties that
+    the two runtimes round differently.
+    """
+    for node in model.graph.nodes:
+        if _computes_in_float(node):
+            return False
+        if node.target not in Q_OPS + DQ_OPS:
+            continue
+        dtype = node.args[-1]
+        scale = node.args[1]
+        if isinstance(scale, Node):
+            scale = operator.attrgetter(scale.target)(model)
+        if dtype not in (torch.int8, torch.int32) or not is_power_of_2(torch.as_tensor(scale)):
+            return False
+    return True
+
+
+def chunks(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """`inputs` split into batches of CHECK_BATCH samples: the checks' memory stays bounded at large inputs."""
+    n = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if n <= CHECK_BATCH:
+        return [inputs]
+    return [tuple(x[i : i + CHECK_BATCH] for x in inputs) for i in range(0, n, CHECK_BATCH)]
+
+
+def torch_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The model's output tensors (flattened) over `inputs`, computed a chunk at a time."""
+    with torch.no_grad():
+        parts = [tree_leaves(model(*part)) for part in chunks(inputs)]
+    return parts[0] if len(parts) == 1 else [torch.cat(leaves) for leaves in zip(*parts, strict=True)]
+
+
+def output_steps(model: GraphModule) -> list[float | None]:
+    """Quantization step of each graph output (None for outputs left in float)."""
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    flat = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    steps = []
+    for node in flat:
+        if isinstance(node, Node) and node.target in DQ_OPS and not isinstance(node.args[1], Node):
+            steps.append(float(node.args[1]))
+        else:
+            steps.append(None)
+    return steps
+
+
+def _as_list(y: object) -> list[torch.Tensor]:
+    return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
+def _joined(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-chunk output lists joined along the batch."""
+    return parts[0] if len(parts) == 1 else [np.concatenate(arrays) for arrays in zip(*parts, strict=True)]
+
+
+def output_sqnr_db(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """10 log10(sum e^2 / sum (a - e)^2) over all outputs: inf when they are equal."""
+    signal = sum(float(np.square(e.astype(np.float64)).sum()) for e in expected)
+    noise = sum(float(np.square(a.astype(np.float64) - e).sum()) for e, a in zip(expected, actual, strict=True))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def compare(
+    onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...], sess: ort.InferenceSession | None = None
+) -> ParityReport:
+    """Compare outputs; raise ParityError naming where the two diverge.
+
+    Passes when top-1 agrees on every sample and each output is within one step of its
+    quantization. For schemes that are not exact in float32 (see `is_exact`) it also
+    passes when the only disagreement is rounding-level: the first diverging tensor is
+    off by one step on under 1% of its values. A wrong op, weight or scale fails that
+    test at the tensor it breaks, whatever the number of samples; rounding passes it,
+    and top-1 changes it causes are near-ties, reported in the agreement. Where that
+    drift compounds to outputs further apart than PARITY_SQNR_DB, a ParityDriftWarning
+    says so.
+    """
+    sess = sess or session(onnx_path)
+    parts = chunks(inputs)
+    with torch.no_grad():
+        expected = _joined([[t.detach().numpy() for t in _as_list(model(*part))] for part in parts])
+    actual = _joined([run_onnx(sess, part) for part in parts])
+    steps = output_steps(model)
+    worst, agree, total, too_far, flips = 0.0, 0, 0, [], []
+    for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+        if e.shape != a.shape:
+            raise ParityError(f"output {i}: onnxruntime shape {a.shape} != torch shape {e.shape}")
+        diff = float(np.abs(e - a).max()) if e.size else 0.0
+        worst = max(worst, diff)
+        step = steps[i] if i < len(steps) else None
+        tol = (step * 1.0001) if step else 1e-4 * max(1.0, float(np.abs(e).max()))
+        if diff > tol:
+            too_far.append(f"output {i} differs by {diff:g} (allowed {tol:g})")
+        if e.ndim >= 2 and e.shape[1] > 1:
+            same = (e.argmax(1) == a.argmax(1)).reshape(e.shape[0], -1).all(axis=1)
+            agree += int(same.sum())
+            total += e.shape[0]
+            if not same.all():
+                flips.append(f"output {i}: top-1 differs on {int((~same).sum())} of {e.shape[0]} samples")
+    sqnr = output_sqnr_db(expected, actual)
+    report = ParityReport(worst, steps[0] if steps else None, agree / total if total else 1.0, inputs[0].shape[0], sqnr)
+    if not too_far and not flips:
+        return report
+    divergence = locate_divergence(onnx_path, model, inputs)
+    if divergence is not None and divergence.is_rounding and not is_exact(model):
+        if sqnr < PARITY_SQNR_DB:
+            warnings.warn(
+                ParityDriftWarning(
+                    f"onnxruntime and torch part only by rounding ({divergence}), but the model amplifies it: "
+                    f"their outputs agree at {sqnr:.1f} dB SQNR, under {PARITY_SQNR_DB:g} dB. The engine will "
+                    "see the same drift; a trained model usually amplifies far less than a random one"
+                ),
+                stacklevel=3,
+            )
+        return replace(report, rounding=divergence)
+    where = str(divergence) if divergence else "all quantized tensors agree; the difference arises after the last one"
+    raise ParityError("onnxruntime disagrees with the converted model: " + "; ".join(too_far + flips) + f"; {where}.")
+
+
+class _Recorder(Interpreter):
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: Node) -> object:
+        result = super().run_node(n)
+        if n.target in Q_OPS:
+            self.values[n.name] = result
+        return result
+
+
+MODULE_KEY = "edgequant_module"
+
+
+def _module_path(node: Node) -> str:
+    if MODULE_KEY in node.meta:
+        return node.meta[MODULE_KEY]
+    # Walk up from the quantizer to the nearest op that belongs to a named submodule:
+    # for conv -> relu -> quantize in a root forward(), that is the conv.
+    frontier = [a for a in node.args if isinstance(a, Node)]
+    seen: set[Node] = set()
+    while frontier:
+        producer = frontier.pop(0)
+        if producer in seen or producer.target in Q_OPS:
+            continue
+        seen.add(producer)
+        stack = producer.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        if path:
+            return path
+        frontier.extend(a for a in producer.args if isinstance(a, Node))
+    return node.name
+
+
+def reexport(
+    converted: GraphModule, inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.export.ExportedProgram, GraphModule]:
+    """Export the converted model once more, for ONNX, keeping where each quantizer came from.
+
+    ONNX value names follow this program's node names, so its module is the reference
+    the parity check compares against. The user-facing module paths of the converted
+    graph are carried over to its quantize nodes, which appear in the same order.
+    """
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(converted, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+    reference = program.module()
+    ours = [n for n in converted.graph.nodes if n.target in Q_OPS]
+    theirs = [n for n in reference.graph.nodes if n.target in Q_OPS]
+    if len(ours) == len(theirs):
+        for a, b in zip(ours, theirs, strict=True):
+            b.meta[MODULE_KEY] = _module_path(a)
+    return program, reference
+
+
+def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> Divergence | None:
+    """The first quantized tensor (in graph order) where torch and onnxruntime differ, if any."""
+    proto = onnx.load(onnx_path)
+    produced = {o for node in proto.graph.node for o in node.output}
+    sess, names = None, []
+    # Per quantized tensor, over all chunks: [values that differ, values, largest difference in steps].
+    tally: dict[str, list[int]] = {}
+    for part in chunks(inputs):
+        recorder = _Recorder(model)
+        with torch.no_grad():
+            recorder.run(*part)
+        if sess is None:
+            names = [n for n in recorder.values if n in produced]
+            existing = {o.name for o in proto.graph.output}
+            for name in names:
+                if name not in existing:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            sess = session(proto.SerializeToString())
+        got = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, part), strict=True))
+        for name in names:
+            want, have = recorder.values[name].numpy(), got.get(name)
+            if have is None:
+                continue
+            count = tally.setdefault(name, [0, 0, 0])
+            count[1] += want.size
+            if not np.array_equal(want, have):
+                count[0] += int((want != have).sum())
+                count[2] = max(count[2], int(np.abs(want.astype(np.int64) - have.astype(np.int64)).max()))
+    for name in names:
+        differ, size, lsb = tally.get(name, (0, 0, 0))
+        if differ:
+            node = next(n for n in model.graph.nodes if n.name == name)
+            return Divergence(name, _module_path(node), differ, size, lsb)
+    return None

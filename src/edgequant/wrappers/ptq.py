@@ -1,0 +1,342 @@
+"""PTQModule: post-training quantization from a few hundred unlabelled samples."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+from tqdm.auto import tqdm
+
+from ..core.errors import NonFiniteError, NotCalibratedError
+from ..graph.adaround import adaround
+from ..graph.batchnorm import fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
+from ..graph.bias_correction import correct_biases
+from ..graph.capture import capture
+from ..graph.clipping import clip_weights
+from ..graph.equalization import equalize
+from ..graph.exponents import choose_weight_exponents
+from ..graph.ops import CONV_OPS, WEIGHTED_OPS, producer_module
+from ..graph.quantizer import EdgeQuantizer
+from ..numerics.observers import RangeObserver
+from ..numerics.scheme import Scheme
+from .base import QuantWrapper
+
+ESTIMATORS = ("auto", "minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Which PTQ techniques to apply; each can be switched off on its own.
+
+    - ``range_estimator``: activation ranges from the min/max seen, a percentile of
+      |x|, or the range minimising the squared quantization error ("mse"; for
+      power-of-2 scales a choice among the few candidate exponents). "auto" takes
+      "mse" for power-of-2 schemes and "minmax" for free scales, the better of the
+      two on the checkpoint population of benchmarks/ptq_population.py. Percentile
+      and mse need a second pass over the calibration data; memory is one histogram
+      per quantizer. Asymmetric activations always use min/max.
+    - ``equalize``: cross-layer equalization of conv pairs; None = on for schemes with
+      per-tensor weights (where it matters), off for per-channel ones.
+    - ``bias_correction``: remove the mean output shift caused by weight rounding.
+    - ``bn_reestimation``: recompute BN statistics on the calibration data before
+      folding (for data that differs from the training data).
+    - ``weight_clipping``: clamp weights beyond this many standard deviations per
+      output channel before quantizing; None = off.
+    - ``weight_exponent``: for power-of-2 weights, "error" takes the exponent (of the
+      covering one and the two below) with the least expected layer-output error,
+      "ceil" always the covering one (see exponents.py).
+    - ``adaround``: learn each 8-bit weight's rounding on the calibration data, layer
+      by layer (adaround.py); seconds to minutes on a CPU, so off by default.
+    """
+
+    range_estimator: Literal["auto", "minmax", "percentile", "mse"] = "auto"
+    percentile: float = 99.99
+    equalize: bool | None = None
+    bias_correction: bool = True
+    bn_reestimation: bool = False
+    weight_clipping: float | None = None
+    weight_exponent: Literal["error", "ceil"] = "error"
+    adaround: bool = False
+
+    def estimator_for(self, scheme: Scheme) -> str:
+        """The activation range estimator this config runs for `scheme` ("auto" resolved)."""
+        if self.range_estimator != "auto":
+            return self.range_estimator
+        return "mse" if scheme.power_of_2 else "minmax"
+
+    def __post_init__(self) -> None:
+        if self.range_estimator not in ESTIMATORS:
+            raise ValueError(f"range_estimator must be one of {', '.join(ESTIMATORS)}; got {self.range_estimator!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.weight_exponent not in ("error", "ceil"):
+            raise ValueError(f"weight_exponent must be 'error' or 'ceil', got {self.weight_exponent!r}")
+        if self.weight_clipping is not None and self.weight_clipping <= 0:
+            raise ValueError(
+                f"weight_clipping must be a positive number of standard deviations, got {self.weight_clipping}"
+            )
+
+
+def check_finite_inputs(args: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a batch with NaN or Inf before any range sees it."""
+    for i, x in enumerate(args):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(
+                f"input {i} of this batch contains NaN or Inf; ranges would be ruined. Clean the data "
+                "(for calibration: calibrate(data, skip_nonfinite=True) skips such batches)"
+            )
+
+
+def inputs_of(batch: object, count: int = 1) -> tuple[torch.Tensor, ...]:
+    """The model inputs of a data batch, for a model of `count` inputs.
+
+    One input: a tensor, or the first item of an (inputs, labels) pair. Several: a
+    tuple or list whose first `count` items are the inputs, in forward's order; items
+    after them (labels) are ignored.
+    """
+    if count == 1 and isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and len(batch) >= count:
+        inputs = tuple(batch[:count])
+        if all(isinstance(x, torch.Tensor) for x in inputs):
+            return inputs
+    if count == 1:
+        raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+    raise TypeError(
+        f"the model takes {count} inputs, so each batch must be a tuple of {count} tensors in forward's "
+        f"order (optionally followed by labels); got {type(batch).__name__}"
+        + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+class PTQModule(QuantWrapper):
+    """Post-training quantization wrapper: no labels, no backprop.
+
+    Construction folds BN (and equalizes / clips weights as configured). In train
+    mode (the state after construction) each forward pass observes min/max ranges
+    and returns the float result; `calibrate(data)` runs the full recipe over a
+    loader and switches to eval mode, where forward runs the quantized integer model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        scheme: str | Scheme = "int8_pow2",
+        config: PTQConfig | None = None,
+        dynamic_spatial: bool = False,
+    ) -> None:
+        super().__init__(example_inputs, scheme, dynamic_spatial)
+        self.config = config or PTQConfig()
+        self._float = capture(model, self.example_inputs, dynamic_spatial)
+        set_graph_training(self._float, dropout=False, batchnorm=False)
+        # Dead channels (BN running variance ~0) are zeroed on the float graph: exact, see batchnorm.py.
+        self.dead_channels = zero_dead_channels(self._float)
+        self.model = self._prepare(self._float)
+        self.register_buffer("calibrated_samples", torch.tensor(0, dtype=torch.int64))
+        self._drop_integer_model()
+
+    @property
+    def equalizes(self) -> bool:
+        if self.config.equalize is None:
+            return self.scheme.weight_granularity != "per_channel"
+        return self.config.equalize
+
+    def _prepare(self, float_graph: GraphModule) -> GraphModule:
+        graph = copy.deepcopy(float_graph)
+        fold_bn(graph)
+        if self.config.weight_clipping is not None:
+            clip_weights(graph, self.config.weight_clipping)
+        if self.equalizes:
+            equalize(graph)
+        return prepare_pt2e(graph, EdgeQuantizer(self.scheme, qat=False))
+
+    def activation_observers(self) -> list[RangeObserver]:
+        found = []
+        for node in self.model.graph.nodes:
+            if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) != "get_attr":
+                module = self.model.get_submodule(node.target)
+                if isinstance(module, RangeObserver):
+                    found.append(module)
+        return found
+
+    def _bias_correction_inputs(self) -> list[tuple[RangeObserver, int]]:
+        """Activation observers whose channel means bias correction can use, with the channel dim.
+
+        A conv, and a linear layer on (N, C) data, read their input channels from dim 1;
+        a linear layer on (N, ..., C) data (channels last, as in ConvNeXt or
+        transformers) reads them from the last dim.
+        """
+        found = []
+        for node in self.model.graph.nodes:
+            if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) == "get_attr":
+                continue
+            module = self.model.get_submodule(node.target)
+            if not isinstance(module, RangeObserver):
+                continue
+            readers = [u for u in node.users if u.target in WEIGHTED_OPS and u.args[0] is node]
+            val = node.args[0].meta.get("val")
+            rank = val.dim() if isinstance(val, torch.Tensor) else None
+            if not readers or rank is None:
+                continue
+            if all(u.target in CONV_OPS for u in readers) or (
+                rank == 2 and all(u.target in WEIGHTED_OPS for u in readers)
+            ):
+                found.append((module, 1))
+            elif rank > 2 and not any(u.target in CONV_OPS for u in readers):
+                found.append((module, -1))
+        return found
+
+    def observers(self) -> list[RangeObserver]:
+        return [m for m in self.model.modules() if isinstance(m, RangeObserver)]
+
+    def train(self, mode: bool = True) -> PTQModule:
+        self._set_training_flags(mode)
+        return self
+
+    def _usable_batches(self, data: Iterable, skip_nonfinite: bool, progress: bool) -> list[tuple[torch.Tensor, ...]]:
+        batches, skipped = [], 0
+        bar = tqdm(data, desc="read calibration data", leave=False, disable=not progress or None)
+        for index, batch in enumerate(bar):
+            inputs = inputs_of(batch, len(self.example_inputs))
+            if not all(bool(torch.isfinite(x).all()) for x in inputs):
+                if skip_nonfinite:
+                    skipped += 1
+                    continue
+                raise NonFiniteError(
+                    f"calibration batch {index} contains NaN or Inf; clean the data or pass skip_nonfinite=True"
+                )
+            batches.append(tuple(x.detach() for x in inputs))
+        if not batches:
+            detail = f" ({skipped} batches skipped as non-finite)" if skipped else ""
+            raise ValueError(f"calibration data yielded no usable batch{detail}; is the loader empty or exhausted?")
+        return batches
+
+    def _run(self, batches: list[tuple[torch.Tensor, ...]], desc: str, progress: bool) -> None:
+        for inputs in tqdm(batches, desc=desc, leave=False, disable=not progress or None):
+            self(*inputs)
+
+    @torch.no_grad()
+    def calibrate(self, data: Iterable, skip_nonfinite: bool = False, progress: bool = True) -> PTQModule:
+        """Run the configured recipe over `data`, then switch to eval (quantized) mode.
+
+        `data` yields tensors or (inputs, labels) batches (for a model of several inputs:
+        tuples of those inputs, optionally followed by labels); a few hundred samples suffice.
+        They are held in memory for the passes the recipe needs (BN re-estimation,
+        ranges, histograms). Batches with NaN or Inf raise ValueError, or are skipped
+        with `skip_nonfinite=True`.
+        """
+        cfg = self.config
+        batches = self._usable_batches(data, skip_nonfinite, progress)
+        if cfg.bn_reestimation:
+            float_graph = copy.deepcopy(self._float)
+            reestimate_bn(float_graph, batches)
+            self.model = self._prepare(float_graph)
+        elif int(self.calibrated_samples):
+            self.model = self._prepare(self._float)  # start from fresh ranges
+        self.calibrated_samples.zero_()
+        self.train()
+        activations = self.activation_observers()
+        choose_exponents = self.scheme.power_of_2 and cfg.weight_exponent == "error"
+        if cfg.bias_correction or choose_exponents:
+            for obs, dim in self._bias_correction_inputs():
+                obs.track_channel_stats(dim)
+        self._run(batches, "calibrate ranges", progress)
+        self._check_ranges()  # before the histogram pass, which cannot bin an infinite range
+        estimator = cfg.estimator_for(self.scheme)
+        if estimator != "minmax":
+            for obs in activations:
+                if obs.symmetric:
+                    obs.start_histogram(estimator, cfg.percentile)
+            self._run(batches, f"calibrate ranges ({estimator})", progress)
+        self.calibrated_samples.fill_(sum(inputs[0].shape[0] for inputs in batches))  # samples, not passes
+        if choose_exponents:
+            choose_weight_exponents(self.model)
+        float_weights = adaround(self.model, batches, progress=progress) if cfg.adaround else None
+        if cfg.bias_correction:
+            correct_biases(self.model, float_weights)
+        return self.eval()
+
+    def _check_ranges(self) -> None:
+        """Raise, naming the layer, if calibration left a NaN or infinite range (an overflow)."""
+        for node in self.model.graph.nodes:
+            if node.op != "call_module":
+                continue
+            obs = self.model.get_submodule(node.target)
+            if not isinstance(obs, RangeObserver):
+                continue
+            low, high = obs.min_val, obs.max_val
+            # Never observed reads (+inf, -inf); an overflow or NaN reads otherwise.
+            if bool((torch.isnan(low) | torch.isnan(high) | (low == -math.inf) | (high == math.inf)).any()):
+                layer = producer_module(node.args[0])
+                raise NonFiniteError(
+                    f"calibration found NaN or Inf in the output of layer `{layer}` although the inputs were "
+                    "finite: the float model overflows there. Check the weights (eq.check) and the input scaling",
+                    layer=layer,
+                )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load ranges and weights; a calibrated state puts the module in eval (quantized) mode.
+
+        In train mode every forward pass would widen the loaded ranges.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._drop_integer_model()
+        if int(self.calibrated_samples):
+            self.eval()
+        return result
+
+    def convert(self) -> GraphModule:
+        self._require_ranges()
+        return super().convert()
+
+    def _require_ranges(self) -> None:
+        if not int(self.calibrated_samples):
+            raise NotCalibratedError(
+                "this PTQModule has no ranges yet: call calibrate(data) with a few hundred samples first "
+                "(evaluating, converting or exporting it now would use unit scales)"
+            )
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(args)
+        if self.training:
+            check_finite_inputs(args)
+            self.remember_samples(args)
+            self._drop_integer_model()
+            self.calibrated_samples += args[0].shape[0]
+            return self.model(*args)
+        self._require_ranges()
+        return self.integer_model()(*args)
+
+    def float_model(self) -> GraphModule:
+        """The float graph as calibration left it (BN folded, equalized, bias-corrected).
+
+        Weights and biases are trainable parameters again, so this is a starting point
+        for QAT (see `QATModule.from_ptq`).
+        """
+        graph = copy.deepcopy(self.model)
+        for node in list(graph.graph.nodes):
+            if node.op == "call_module" and isinstance(graph.get_submodule(node.target), RangeObserver):
+                node.replace_all_uses_with(node.args[0])
+                graph.graph.erase_node(node)
+        for node in graph.graph.nodes:
+            if node.target not in WEIGHTED_OPS:
+                continue
+            for arg in node.args[1:3]:
+                if isinstance(arg, Node) and arg.op == "get_attr" and "." not in arg.target:
+                    value = getattr(graph, arg.target)
+                    if not isinstance(value, nn.Parameter):
+                        delattr(graph, arg.target)
+                        graph.register_parameter(arg.target, nn.Parameter(value.detach().clone()))
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        for attr in ("train", "eval"):
+            graph.__dict__.pop(attr, None)
+        return graph
