@@ -1,26 +1,13 @@
-"""Shared fixtures: digits batches, small torchvision models, ONNX inspection helpers, Q/DQ in onnxruntime."""
+"""Shared fixtures (digits batches, briefly trained digits models) and the slow marker; helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from functools import cache
-from pathlib import Path
-
-import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.demo.data import digits_tensors
-from edgequant.demo.training import build_model, float_digits_model
+from edgequant.demo.training import float_digits_model
 
-ZOO = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 # Fixtures that train digits models or build zoo models: a test that takes one is slow by
 # nature and is marked here, once, so that `pytest -m "not slow"` stays the quick loop.
 SLOW_FIXTURES = frozenset({"digits_model", "float_cache", "trained", "runs"})
@@ -42,35 +29,6 @@ def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
     return digits_tensors("train")
 
 
-class FloatNormNet(torch.nn.Module):
-    """A conv, then a layer norm and softmax that stay in float between Q/DQ pairs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = torch.nn.LayerNorm(8)
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x).mean((2, 3))
-        return self.fc(self.norm(x).softmax(-1))
-
-
-def warmed_model(name: str, data: torch.Tensor, steps: int = 4) -> torch.nn.Module:
-    """A random-init model whose BN statistics have seen real data, as after training."""
-    model = build_model(name)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.momentum = None  # exact running averages over the warm-up batches
-    model.train()
-    with torch.no_grad():
-        for i in range(steps):
-            model(data[i * 32 : (i + 1) * 32])
-    for bn in bns:
-        bn.momentum = 0.1
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory):
     """Factory: a torchvision model briefly trained on digits (confident, not random, logits)."""
@@ -85,74 +43,3 @@ def digits_model(tmp_path_factory):
         return models[name]
 
     return get
-
-
-def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs by name."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def qdq_nodes(path) -> list[tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
-    """Every QuantizeLinear / DequantizeLinear with its scale and zero point arrays."""
-    model = onnx.load(str(path))
-    values = constant_values(model)
-    found = []
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            scale = values[node.input[1]]
-            zero_point = values[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int8)
-            found.append((node, scale, zero_point))
-    return found
-
-
-# Property tests of the quantization arithmetic (hypothesis), against onnxruntime.
-
-PROPERTY = settings(max_examples=60, deadline=None)
-# Offsets from an integer grid point, in steps: exact ties, near-ties and plain values.
-OFFSETS = st.sampled_from([0.0, 0.5, -0.5, 0.25, -0.75, 0.4999999, 0.5000001])
-
-
-@cache
-def _qdq_session(bits: int, axis: int | None) -> ort.InferenceSession:
-    """QuantizeLinear -> DequantizeLinear with scale and zero point fed at run time."""
-    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT16
-    attrs = {} if axis is None else {"axis": axis}
-    graph = helper.make_graph(
-        [
-            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
-            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs),
-        ],
-        "qdq",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("z", qtype, None),
-        ],
-        [helper.make_tensor_value_info("q", qtype, None), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def ort_qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, axis: int | None = None):
-    """(integers, dequantized values) as onnxruntime computes them."""
-    dtype = np.int8 if bits == 8 else np.int16
-    feed = {"x": x.astype(np.float32), "s": np.asarray(scale, np.float32), "z": np.asarray(zero_point, dtype)}
-    return _qdq_session(bits, axis).run(None, feed)
-
-
-def run_qat_resume_script(out, *args: str, ranks: int = 0) -> str:
-    """Run tests/qat_resume_script.py (under torchrun with `ranks` > 0): its stdout, exit code and stderr tail."""
-    script = Path(__file__).with_name("qat_resume_script.py")
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--max-restarts", "1"]
-    command = [sys.executable, *(launcher if ranks else []), str(script), str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    return done.stdout + f"\n[exit {done.returncode}]\n" + done.stderr[-3000:]

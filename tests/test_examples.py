@@ -16,9 +16,8 @@ from edgequant.demo.data import digits_tensors
 from edgequant.demo.training import FLOAT_EPOCHS, RECIPE
 from edgequant.export.runtime import session
 
-from .conftest import warmed_model
+from .helpers import ROOT, warmed_model
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 96
 
 
@@ -94,7 +93,7 @@ def test_segmentation_example_exports_with_exact_parity(tmp_path):
 
 
 def test_ddp_example_on_two_gloo_ranks(float_cache, tmp_path):
-    # tests/test_distributed.py checks the reductions themselves; this runs the script as users launch it.
+    # tests/numerics/test_distributed.py checks the reductions themselves; this runs the script as users launch it.
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     args = ["--epochs", "1", "--backend", "gloo", "--no-progress"]
     out, checkpoint = tmp_path / "ddp.onnx", tmp_path / "ddp.pt"

@@ -8,7 +8,7 @@ from torch import nn
 import edgequant as eq
 from edgequant.export.runtime import run_onnx, session
 
-from .conftest import ZOO, qdq_nodes, warmed_model
+from ..helpers import ZOO, qdq_nodes, warmed_model
 
 
 def _steps(qmodel, x, y, n=2, lr=1e-3):

@@ -8,7 +8,7 @@ from torch import nn
 from edgequant import QATModule
 from edgequant.graph.ops import DQ_OPS
 
-from .conftest import FloatNormNet
+from ..helpers import FloatNormNet
 
 
 class Small(nn.Module):

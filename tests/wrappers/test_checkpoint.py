@@ -7,7 +7,7 @@ from torch import nn
 import edgequant as eq
 from edgequant.wrappers.checkpoint import CheckpointError
 
-from .conftest import run_qat_resume_script
+from ..helpers import run_qat_resume_script
 
 
 def _net(classes: int = 4, bn: bool = True) -> nn.Module:

@@ -14,7 +14,7 @@ from edgequant.export.onnx import choose_opset
 from edgequant.export.parity import ParityError
 from edgequant.export.runtime import run_onnx, session
 
-from .conftest import qdq_nodes
+from ..helpers import qdq_nodes
 
 
 class Net(nn.Module):

@@ -23,7 +23,8 @@ from edgequant.demo import job as demo
 from edgequant.demo.training import accuracy, train_epochs
 from edgequant.export.runtime import session
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..helpers import ROOT
+
 SPEC = "tests.test_cli:small_cnn"
 
 

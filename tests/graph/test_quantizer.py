@@ -14,7 +14,7 @@ import edgequant as eq
 from edgequant.export.runtime import run_onnx, session
 from edgequant.graph.quantizer import UnquantizedOpsWarning
 
-from .conftest import constant_values, warmed_model
+from ..helpers import constant_values, warmed_model
 
 PRESETS = ("int8_pow2", "int8", "int8_pow2_dw", "int16", "int16_pow2")
 

@@ -11,7 +11,7 @@ from edgequant import EdgequantError, ParityDriftWarning, ParityError, QATModule
 from edgequant.export import parity
 from edgequant.export.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
 
-from .conftest import FloatNormNet
+from ..helpers import FloatNormNet
 
 
 class Two(nn.Module):
@@ -137,7 +137,7 @@ def test_export_judges_parity_on_calibration_samples_not_the_example_batch(tmp_p
     from edgequant.demo.data import digits_tensors
     from edgequant.wrappers.base import PARITY_SAMPLES
 
-    from .conftest import warmed_model
+    from ..helpers import warmed_model
 
     images = digits_tensors("train", size=224)[0][:64]
     model = warmed_model("mobilenet_v2", images, steps=2)

@@ -5,6 +5,8 @@ import pytest
 
 from edgequant.core import files
 
+from ..helpers import ROOT
+
 
 @pytest.mark.parametrize("anonymous", [True, False])
 def test_atomic_path_replaces_the_file_with_plain_permissions(tmp_path, anonymous):
@@ -107,12 +109,11 @@ def test_kill_9_during_a_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     import signal
     import subprocess
     import sys
-    from pathlib import Path
 
     out = tmp_path / "out"
     out.mkdir()
     target = out / name
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(target), kind], cwd=root, stdout=subprocess.PIPE, text=True
     )

@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 
 from edgequant.numerics import scales
 
-from .conftest import OFFSETS, PROPERTY, ort_qdq
+from ..helpers import OFFSETS, PROPERTY, ort_qdq
 
 
 @pytest.mark.parametrize(

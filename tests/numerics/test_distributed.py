@@ -27,7 +27,7 @@ from edgequant.graph.capture import capture
 from edgequant.graph.ops import BN_OP, FUSED_BN_OP
 from edgequant.numerics import distributed
 
-from .conftest import run_qat_resume_script
+from ..helpers import run_qat_resume_script
 
 WORLD = 2
 SHARD = 8  # samples per rank per step; the single process sees WORLD * SHARD

@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 from edgequant.numerics import scales
 from edgequant.numerics.observers import FakeQuantize, RangeObserver
 
-from .conftest import OFFSETS, PROPERTY, ort_qdq
+from ..helpers import OFFSETS, PROPERTY, ort_qdq
 
 
 def test_minmax_observer_keeps_extremes_and_pow2_scale():

@@ -1,7 +1,6 @@
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,9 @@ from torch import nn
 from edgequant.demo.training import build_model
 from edgequant.diagnose.guidelines import Finding, check, checked_codes, format_findings
 
-DOC = Path(__file__).parents[1] / "docs" / "guidelines.md"
+from ..helpers import ROOT
+
+DOC = ROOT / "docs" / "guidelines.md"
 CODES = (
     "conv-without-bn",
     "depthwise-heavy",

@@ -7,7 +7,7 @@ from edgequant.demo.data import digits_loader
 from edgequant.demo.training import accuracy
 from edgequant.export.runtime import run_onnx, session
 
-from .conftest import warmed_model
+from ..helpers import warmed_model
 
 
 @pytest.fixture(scope="module")
