@@ -87,7 +87,7 @@ def quantize_on_digits(name: str, scheme: object, epochs: int, lr: float, workdi
     ptq_seconds = time.perf_counter() - start
     ptq_path = workdir / f"{name}_{tag}_ptq.onnx"
     ptq.export(ptq_path)
-    qmodel = eq.QATModule(model, (example,), scheme, total_epochs=epochs)
+    qmodel = eq.QATModule(model, (example,), scheme, eq.QATConfig(eq.FreezeSchedule(epochs)))
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     start = time.perf_counter()
     train_epochs(qmodel, train, epochs, optimizer, desc=f"QAT {name} {tag}")

@@ -64,7 +64,9 @@ def qat_run(model: torch.nn.Module, calibrated: bool, epochs: int, lr: float, wo
     example = digits_tensors("train")[0][:32]
     calib = digits_loader("train", batch_size=32, limit=128, shuffle=False) if calibrated else None
     start = time.perf_counter()
-    qmodel = eq.QATModule(model, (example,), "int8_pow2", total_epochs=epochs, calibration_data=calib)
+    qmodel = eq.QATModule(
+        model, (example,), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(epochs)), calibration_data=calib
+    )
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     per_epoch = []

@@ -168,10 +168,10 @@ def construct(message: str) -> str:
 def run_one(name: str, library: str, scheme: str, size: int | None, status: Path) -> None:
     """Run the chain for one model, writing the row (stage reached, error) to `status` after each stage."""
     import edgequant as eq
+    from edgequant.core.errors import UnquantizedOpsWarning
     from edgequant.demo.data import digits_tensors
     from edgequant.export.parity import PARITY_SQNR_DB
     from edgequant.graph.capture import CaptureError
-    from edgequant.graph.quantizer import UnquantizedOpsWarning
 
     row: dict = {"model": name, "library": library, "scheme": scheme, "stage": "build", "ok": False}
     if size:

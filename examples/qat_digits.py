@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     example = next(iter(train))[0][:16]
     calib = digits_loader("train", batch_size=64, limit=256, shuffle=False)  # unlabelled use: images only
     qmodel = eq.QATModule(
-        model, example_inputs=(example,), scheme=args.scheme, total_epochs=args.epochs, calibration_data=calib
+        model,
+        example_inputs=(example,),
+        scheme=args.scheme,
+        config=eq.QATConfig(eq.FreezeSchedule(args.epochs)),
+        calibration_data=calib,
     )
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()

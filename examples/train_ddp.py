@@ -95,7 +95,10 @@ def main() -> None:
     x_test, y_test = digits_tensors("test")
 
     qmodel = eq.QATModule(
-        float_model, (x_train[:32],), args.scheme, total_epochs=args.epochs, sync=not args.no_sync
+        float_model,
+        (x_train[:32],),
+        args.scheme,
+        eq.QATConfig(eq.FreezeSchedule(args.epochs), sync=not args.no_sync),
     ).to(device)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     start = 0

@@ -53,7 +53,7 @@ def main() -> None:
     ).eval()
     data = torch.Generator().manual_seed(0)
     x, y = torch.randn(SAMPLES, 3, 8, 8, generator=data), torch.randint(0, 4, (SAMPLES,), generator=data)
-    qmodel = eq.QATModule(model, (x[:BATCH],), "int8_pow2", total_epochs=EPOCHS)
+    qmodel = eq.QATModule(model, (x[:BATCH],), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(EPOCHS)))
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     checkpoint = args.out / "ckpt.pt"
     if checkpoint.exists():

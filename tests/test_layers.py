@@ -101,7 +101,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    return [group + [group[0]] for group in groups]
+    return [[*group, group[0]] for group in groups]
 
 
 def test_imports_run_down_the_floors_without_cycles() -> None:

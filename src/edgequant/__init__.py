@@ -9,12 +9,15 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 import torchao.quantization.pt2e  # noqa: E402,F401  (registers the quantized_decomposed ops)
 
 from .core.errors import (  # noqa: E402
+    CaptureWarning,
     EdgequantError,
+    EdgequantWarning,
     InitialRangesWarning,
     InputShapeError,
     NonFiniteError,
     NotCalibratedError,
     ParityDriftWarning,
+    UnquantizedOpsWarning,
 )
 from .core.version import __version__  # noqa: E402,F401
 from .diagnose.analysis import analyze  # noqa: E402
@@ -23,20 +26,21 @@ from .diagnose.report import AnalysisReport  # noqa: E402
 from .export.onnx import ExportResult  # noqa: E402
 from .export.parity import ParityError, ParityReport  # noqa: E402
 from .graph.capture import CaptureError  # noqa: E402
-from .graph.quantizer import UnquantizedOpsWarning  # noqa: E402
 from .numerics import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
 from .numerics.scheme import PRESETS, Scheme, get_scheme  # noqa: E402
 from .wrappers.checkpoint import CheckpointError  # noqa: E402
 from .wrappers.ptq import PTQConfig, PTQModule  # noqa: E402
-from .wrappers.qat import QATModule  # noqa: E402
+from .wrappers.qat import QATConfig, QATModule  # noqa: E402
 from .wrappers.schedule import FreezeSchedule  # noqa: E402
 
 __all__ = [
     "PRESETS",
     "AnalysisReport",
     "CaptureError",
+    "CaptureWarning",
     "CheckpointError",
     "EdgequantError",
+    "EdgequantWarning",
     "ExportResult",
     "Finding",
     "FreezeSchedule",
@@ -49,6 +53,7 @@ __all__ = [
     "ParityDriftWarning",
     "ParityError",
     "ParityReport",
+    "QATConfig",
     "QATModule",
     "Scheme",
     "UnquantizedOpsWarning",

@@ -56,13 +56,13 @@ def test_unknown_torchvision_name_suggests_close_ones():
 
 
 def test_factory_spec_passes_num_classes_only_when_given():
-    model = resolve_model("tests.test_loading:small_net", num_classes=3)
+    model = resolve_model("tests.cli.test_loading:small_net", num_classes=3)
     assert model(torch.zeros(2, 3, 4, 4)).shape == (2, 3)
-    assert resolve_model("tests.test_loading:small_net")(torch.zeros(2, 3, 4, 4)).shape == (2, 10)
+    assert resolve_model("tests.cli.test_loading:small_net")(torch.zeros(2, 3, 4, 4)).shape == (2, 10)
 
 
 def test_spec_may_name_a_model_instance_or_a_file(tmp_path):
-    assert resolve_model("tests.test_loading:SMALL_INSTANCE") is SMALL_INSTANCE
+    assert resolve_model("tests.cli.test_loading:SMALL_INSTANCE") is SMALL_INSTANCE
     source = tmp_path / "my_models.py"
     source.write_text("from torch import nn\n\ndef build():\n    return nn.Linear(3, 5)\n")
     assert resolve_model(f"{source}:build").out_features == 5
@@ -73,8 +73,8 @@ def test_spec_may_name_a_model_instance_or_a_file(tmp_path):
     [
         ("resnet18", "should look like torchvision:resnet18"),
         ("no_such_package.models:net", "cannot import module 'no_such_package.models'"),
-        ("tests.test_loading:missing", "has no attribute 'missing'"),
-        ("tests.test_loading:not_a_model", "returned a str, not a torch nn.Module"),
+        ("tests.cli.test_loading:missing", "has no attribute 'missing'"),
+        ("tests.cli.test_loading:not_a_model", "returned a str, not a torch nn.Module"),
         ("/no/such/file.py:net", "does not exist"),
     ],
 )
@@ -85,7 +85,7 @@ def test_unresolvable_specs_say_what_is_wrong(spec, message):
 
 def test_factory_without_num_classes_parameter():
     with pytest.raises(ModelSpecError, match="takes no num_classes"):
-        resolve_model("tests.test_loading:not_a_model", num_classes=3)
+        resolve_model("tests.cli.test_loading:not_a_model", num_classes=3)
 
 
 def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,7 +116,7 @@ def test_mismatched_checkpoint_lists_the_keys(tmp_path):
     with pytest.raises(WeightsError, match=r"shape mismatch: fc.weight \(checkpoint \[10, 512\], model \[5, 512\]\)"):
         load_weights(resolve_model("torchvision:resnet18", num_classes=5), tmp_path / "w.pt")
     with pytest.raises(WeightsError, match=r"missing: 0.weight, 0.bias, .*; unexpected: conv1.weight, .* and 114 more"):
-        load_weights(resolve_model("tests.test_loading:small_net"), tmp_path / "w.pt")
+        load_weights(resolve_model("tests.cli.test_loading:small_net"), tmp_path / "w.pt")
 
 
 def test_unreadable_or_missing_checkpoint(tmp_path):

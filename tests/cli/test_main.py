@@ -25,7 +25,7 @@ from edgequant.export.runtime import session
 
 from ..helpers import ROOT
 
-SPEC = "tests.test_cli:small_cnn"
+SPEC = "tests.cli.test_main:small_cnn"
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:
@@ -164,7 +164,7 @@ def test_demo_runs_the_demo_with_its_options(monkeypatch, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_check_subprocess_reports_the_guideline_findings():
-    proc = run_cli("check", "tests.test_cli:conv_without_bn", "--input-size", "32", "--json")
+    proc = run_cli("check", "tests.cli.test_main:conv_without_bn", "--input-size", "32", "--json")
     assert proc.returncode == 0, proc.stderr
     findings = json.loads(proc.stdout)["findings"]
     assert [f["subject"] for f in findings if f["code"] == "conv-without-bn"] == [["0"]]
@@ -322,8 +322,8 @@ def test_unresolvable_model_specs(tmp_path, capsys):
     assert line.startswith("edgequant ptq: error: torchvision has no model 'resnet19'; did you mean resnet18")
     line = fails(["qat", "no_such_package.nets:build", *out], capsys)
     assert "cannot import module 'no_such_package.nets'" in line
-    line = fails(["ptq", "tests.test_cli:no_such_factory", *out], capsys)
-    assert "module 'tests.test_cli' has no attribute 'no_such_factory'" in line
+    line = fails(["ptq", "tests.cli.test_main:no_such_factory", *out], capsys)
+    assert "module 'tests.cli.test_main' has no attribute 'no_such_factory'" in line
 
 
 def test_mismatched_checkpoint_lists_keys(untrained_weights, tmp_path, capsys):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgequant.core.errors import CaptureWarning
 from edgequant.graph.capture import MODEL_CLASS_KEY, CaptureError, capture, check_example_inputs
 
 
@@ -102,7 +103,7 @@ class Noisy(nn.Module):
 
 
 def test_random_ops_outside_dropout_are_reported():
-    with pytest.warns(UserWarning, match=r"random numbers \(aten.randn_like in `<root>`\)"):
+    with pytest.warns(CaptureWarning, match=r"random numbers \(aten.randn_like in `<root>`\)"):
         capture(Noisy(), (torch.randn(2, 3),))
 
 
@@ -127,7 +128,7 @@ def test_train_only_branches_are_captured_in_their_eval_form():
 
 def test_cumulative_average_bn_is_captured_with_a_warning():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
-    with pytest.warns(UserWarning, match=r"momentum=None.*`1`.*momentum 0\.1"):
+    with pytest.warns(CaptureWarning, match=r"momentum=None.*`1`.*momentum 0\.1"):
         gm = capture(model, (torch.randn(2, 3, 8, 8),))
     bn = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default)
     assert bn.args[6] == 0.1

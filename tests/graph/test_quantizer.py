@@ -11,8 +11,8 @@ from onnx import numpy_helper
 from torch import nn
 
 import edgequant as eq
+from edgequant.core.errors import UnquantizedOpsWarning
 from edgequant.export.runtime import run_onnx, session
-from edgequant.graph.quantizer import UnquantizedOpsWarning
 
 from ..helpers import constant_values, warmed_model
 

@@ -31,7 +31,7 @@ from ..helpers import run_qat_resume_script
 
 WORLD = 2
 SHARD = 8  # samples per rank per step; the single process sees WORLD * SHARD
-EPOCHS, STEPS = 4, 2  # total_epochs=4: BN statistics freeze at epoch 2, ranges at epoch 3
+EPOCHS, STEPS = 4, 2  # FreezeSchedule(4): BN statistics freeze at epoch 2, ranges at epoch 3
 LR = 0.05  # large enough that missing cross-rank terms would show in the weights
 TIMEOUT_S = 100
 
@@ -124,7 +124,7 @@ def _worker(rank: int, port: int, workdir: str) -> None:
     try:
         shard = slice(rank * SHARD, (rank + 1) * SHARD)
         batches = [(x[shard], y[shard]) for x, y in inputs["batches"]]
-        qmodel = eq.QATModule(inputs["float_model"], inputs["example"], total_epochs=EPOCHS)
+        qmodel = eq.QATModule(inputs["float_model"], inputs["example"], config=eq.QATConfig(eq.FreezeSchedule(EPOCHS)))
         pristine = copy.deepcopy(qmodel)
         ddp = DistributedDataParallel(qmodel, forward_sync_buffers=False)
         result = {"bn": _bn_case(rank), "snapshots": _train(ddp, qmodel, batches)}
@@ -147,7 +147,9 @@ def _worker(rank: int, port: int, workdir: str) -> None:
         result["resumed_step"] = _snapshot(resumed)
 
         # Control: without sync the ranks' ranges drift apart on their different shards.
-        unsynced = eq.QATModule(inputs["float_model"], inputs["example"], total_epochs=EPOCHS, sync=False)
+        unsynced = eq.QATModule(
+            inputs["float_model"], inputs["example"], config=eq.QATConfig(eq.FreezeSchedule(EPOCHS), sync=False)
+        )
         unsynced_ddp = DistributedDataParallel(unsynced, forward_sync_buffers=False)
         result["unsynced"] = _train(unsynced_ddp, unsynced, batches[:1])
         torch.save(result, root / f"rank{rank}.pt")
@@ -193,7 +195,7 @@ def runs(tmp_path_factory, digits_train, digits_test):
     inputs = {"float_model": float_model, "example": (x[:8].clone(),), "batches": batches, "test": digits_test[0][:32]}
     torch.save(inputs, workdir / "inputs.pt")
 
-    single = eq.QATModule(float_model, inputs["example"], total_epochs=EPOCHS)
+    single = eq.QATModule(float_model, inputs["example"], config=eq.QATConfig(eq.FreezeSchedule(EPOCHS)))
     pristine = copy.deepcopy(single)
     reference = {"bn": _bn_case(None), "snapshots": _train(single, single, batches)}
     with torch.no_grad():

@@ -1,11 +1,12 @@
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgequant.numerics import scales
-from edgequant.numerics.observers import FakeQuantize, RangeObserver
+from edgequant.numerics.observers import FakeQuantize, RangeObserver, paused
 
 from ..helpers import OFFSETS, PROPERTY, ort_qdq
 
@@ -25,6 +26,44 @@ def test_moving_average_observer():
     obs(torch.tensor([-1.0, 1.0]))
     obs(torch.tensor([-3.0, 3.0]))
     assert (obs.min_val.item(), obs.max_val.item()) == (-2.0, 2.0)
+
+
+def test_checkpointed_state_is_the_range_and_the_update_count():
+    """Saved checkpoints name these keys: the components' state stays out of the state_dict."""
+    obs = RangeObserver(averaging_constant=0.5)
+    obs.start_histogram("percentile")
+    obs.track_channel_stats()
+    assert list(obs.state_dict()) == ["min_val", "max_val", "updates"]
+
+
+def test_averaging_resumes_from_a_loaded_update_count():
+    obs = RangeObserver(averaging_constant=0.25)
+    for m in (1.0, 3.0):
+        obs(torch.tensor([-m, m]))
+    resumed = RangeObserver(averaging_constant=0.25)
+    resumed.load_state_dict(obs.state_dict())
+    resumed(torch.tensor([-8.0, 8.0]))  # the third batch: weight 1/3, not a fresh start
+    assert int(resumed.updates) == 3 and resumed.max_val.item() == 2.0 + (8.0 - 2.0) / 3
+
+
+def test_histogram_pass_replaces_min_max_with_the_estimate():
+    obs = RangeObserver(power_of_2=False)
+    obs(torch.tensor([0.0, 4.0]))
+    obs.start_histogram("percentile", percentile=50.0, bins=4)
+    obs(torch.tensor([0.5, 0.5, 0.5, 3.5]))
+    assert (obs.min_val.item(), obs.max_val.item()) == (0.0, 4.0)  # the range stays where the first pass left it
+    assert obs.qparams()[0].item() == pytest.approx(1.0 / 127)  # 50% of |x| lie below 1.0
+
+
+def test_channel_stats_follow_the_observed_inputs():
+    obs = RangeObserver()
+    assert obs.channel_mean is None
+    obs.track_channel_stats(dim=1)
+    obs(torch.tensor([[1.0, -2.0], [3.0, 4.0]]))
+    assert obs.channel_mean.tolist() == [2.0, 1.0] and obs.channel_energy.tolist() == [5.0, 10.0]
+    with paused(obs):
+        obs(torch.tensor([[100.0, 100.0]]))
+    assert obs.channel_mean.tolist() == [2.0, 1.0] and obs.max_val.item() == 4.0
 
 
 def test_unobserved_gives_unit_scale():

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -62,3 +63,41 @@ def test_invalid_schemes_rejected():
         eq.Scheme(weight_granularity="per_row")
     with pytest.raises(TypeError):
         eq.get_scheme(8)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        *eq.PRESETS.values(),
+        eq.get_scheme("int8").with_high_precision(["features.0", "classifier"]),
+        eq.get_scheme("int8_pow2").with_high_precision("first_last"),
+    ],
+)
+def test_scheme_round_trips_through_plain_data(scheme):
+    data = json.loads(json.dumps(scheme.to_dict()))  # plain data: JSON holds it unchanged
+    assert data["version"] == eq.Scheme.VERSION == 1
+    assert eq.Scheme.from_dict(data) == scheme
+
+
+def test_from_dict_refuses_what_it_cannot_read():
+    data = eq.get_scheme("int8_pow2").to_dict()
+    with pytest.raises(ValueError, match=r"Scheme data has version 2, newer than this edgequant reads \(up to 1\)"):
+        eq.Scheme.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match=r"Scheme has no field 'bits'; its fields are name, weight_bits, "):
+        eq.Scheme.from_dict({**data, "bits": 8})
+    with pytest.raises(ValueError, match="needs an integer 'version' >= 1"):
+        eq.Scheme.from_dict({k: v for k, v in data.items() if k != "version"})
+    with pytest.raises(TypeError, match="takes a dict"):
+        eq.Scheme.from_dict("int8_pow2")
+    with pytest.raises(ValueError, match="8 or 16"):
+        eq.Scheme.from_dict({**data, "weight_bits": 4})  # from_dict validates like the constructor
+
+
+def test_callable_high_precision_is_recorded_by_name_and_not_rebuilt():
+    def head_only(name: str) -> bool:
+        return name == "fc"
+
+    data = eq.get_scheme("int8_pow2").with_high_precision(head_only).to_dict()
+    assert data["high_precision"] == f"<callable {head_only.__qualname__}>"
+    with pytest.raises(ValueError, match=r"high_precision was a callable .*build the Scheme in code"):
+        eq.Scheme.from_dict(data)

@@ -193,7 +193,7 @@ def test_two_input_model_calibrates_trains_and_exports_with_parity(tmp_path):
         assert np.array_equal(ort_out, ptq(a, b).numpy())
     with pytest.raises(TypeError, match="must be a tuple of 2 tensors"):
         eq.PTQModule(model, (a[:4], b[:4])).calibrate([a], progress=False)
-    qat = eq.QATModule(model, (a[:4], b[:4]), calibration_data=batches, total_epochs=1)
+    qat = eq.QATModule(model, (a[:4], b[:4]), calibration_data=batches, config=eq.QATConfig(eq.FreezeSchedule(1)))
     optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
     qat.train()
     nn.functional.cross_entropy(qat(a, b), labels).backward()

@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def x() -> torch.Tensor:
 
 
 def _trained_qat(x: torch.Tensor, scheme: str = "int8_pow2") -> eq.QATModule:
-    qmodel = eq.QATModule(_net(), (x,), scheme, total_epochs=4)
+    qmodel = eq.QATModule(_net(), (x,), scheme, config=eq.QATConfig(eq.FreezeSchedule(4)))
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05)
     qmodel.train()
     for _ in range(2):
@@ -51,11 +52,71 @@ def test_qat_checkpoint_round_trip_restores_outputs_and_epoch(x, tmp_path):
     payload = torch.load(path, weights_only=True)
     assert payload["scheme"]["name"] == "int8_pow2" and payload["wrapper"] == "QATModule"
     assert payload["model_class"] == "torch.nn.modules.container.Sequential"
-    fresh = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4).load(path).eval()
+    fresh = eq.QATModule(_net(), (x,), "int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(4))).load(path).eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), qmodel(x))
     assert fresh.epoch == qmodel.epoch == 1
     assert os.listdir(tmp_path) == ["qat.pt"]  # no temporary file left
+
+
+def test_scheme_and_config_are_stored_as_their_records(x, tmp_path):
+    config = eq.QATConfig(eq.FreezeSchedule(4), averaging_constant=0.05)
+    qmodel = eq.QATModule(_net(bn=False), (x,), "int8", config)
+    payload = torch.load(qmodel.save(tmp_path / "q.pt"), weights_only=True)
+    assert payload["format_version"] == 2
+    assert payload["scheme"] == eq.get_scheme("int8").to_dict()
+    assert eq.QATConfig.from_dict(payload["config"]) == config
+
+
+def _as_format_1(path, out):
+    """The checkpoint at `path` as format 1 wrote it: the scheme's fields unversioned, no config."""
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]
+    scheme = {k: v for k, v in payload["scheme"].items() if k != "version"}
+    torch.save({**payload, "format_version": 1, "scheme": scheme}, out)
+    return out
+
+
+def test_format_1_checkpoints_still_load(x, tmp_path, ptq_checkpoint):
+    qmodel = _trained_qat(x)
+    old = _as_format_1(qmodel.save(tmp_path / "q.pt"), tmp_path / "q1.pt")
+    fresh = eq.QATModule(_net(), (x,), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # format 1 recorded no config: nothing to compare, nothing to warn
+        fresh.load(old).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), qmodel(x))
+    assert fresh.epoch == qmodel.epoch == 1
+    old_ptq = _as_format_1(ptq_checkpoint, tmp_path / "p1.pt")
+    assert not eq.PTQModule(_net(), (x,)).load(old_ptq).training
+    with pytest.raises(CheckpointError, match=r"scheme 'int8_pow2', this wrapper uses 'int8'.*power_of_2=True"):
+        eq.PTQModule(_net(), (x,), "int8").load(old_ptq)
+
+
+def test_another_config_loads_with_a_warning(x, tmp_path):
+    path = _trained_qat(x).save(tmp_path / "q.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eq.QATModule(_net(), (x,), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(4))).load(path)
+    longer = eq.QATModule(_net(), (x,), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(8), sync=False))
+    with pytest.warns(
+        eq.EdgequantWarning,
+        match=r"another QATConfig: schedule=FreezeSchedule\(total_epochs=4\) "
+        r"\(here FreezeSchedule\(total_epochs=8\)\), sync=True \(here False\); this wrapper's",
+    ):
+        longer.load(path)
+    assert longer.epoch == 1 and longer.ranges_frozen is False  # its own schedule: ranges freeze at epoch 6
+
+
+def test_records_this_version_cannot_read_are_refused(x, tmp_path, ptq_checkpoint):
+    payload = torch.load(ptq_checkpoint, weights_only=True)
+    newer = tmp_path / "newer.pt"
+    torch.save({**payload, "scheme": {**payload["scheme"], "version": 2}}, newer)
+    with pytest.raises(CheckpointError, match=r"checkpoint's scheme cannot be read: .*version 2.*upgrade edgequant"):
+        eq.PTQModule(_net(), (x,)).load(newer)
+    torch.save({**payload, "config": {**payload["config"], "shiny": True}}, newer)
+    with pytest.raises(CheckpointError, match=r"checkpoint's PTQConfig cannot be read: .*no field 'shiny'"):
+        eq.PTQModule(_net(), (x,)).load(newer)
 
 
 def test_ptq_checkpoint_round_trip_is_calibrated_and_in_eval(x, tmp_path):
@@ -171,14 +232,14 @@ def test_qat_killed_mid_epoch_resumes_to_a_byte_identical_export(tmp_path):
 
 
 def test_optimizer_state_travels_with_the_checkpoint(x, tmp_path):
-    qmodel = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4).train()
+    qmodel = eq.QATModule(_net(), (x,), "int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(4))).train()
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)
     for _ in range(2):
         optimizer.zero_grad()
         qmodel(x).square().mean().backward()
         optimizer.step()
     path = qmodel.eval().save(tmp_path / "q.pt", optimizer=optimizer)
-    fresh = eq.QATModule(_net(), (x,), "int8_pow2", total_epochs=4)
+    fresh = eq.QATModule(_net(), (x,), "int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(4)))
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     fresh.load(path, optimizer=fresh_optimizer)
     for mine, theirs in zip(fresh.parameters(), qmodel.parameters(), strict=True):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,26 @@ def test_config_validation():
         eq.PTQConfig(percentile=10)
     with pytest.raises(ValueError, match="weight_clipping"):
         eq.PTQConfig(weight_clipping=0)
+    with pytest.raises(ValueError, match="adaround must be True or False, got 'no'"):
+        eq.PTQConfig(adaround="no")  # a truthy string would silently switch it on
+    with pytest.raises(ValueError, match="equalize must be True, False or None"):
+        eq.PTQConfig(equalize=1.5)
+    with pytest.raises(TypeError, match=r"config must be an eq\.PTQConfig, got dict"):
+        eq.PTQModule(torch.nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 8, 8),), "int8_pow2", {"adaround": True})
+
+
+def test_config_round_trips_through_plain_data():
+    config = eq.PTQConfig(range_estimator="percentile", percentile=99.9, equalize=False, weight_clipping=4.0)
+    data = config.to_dict()
+    assert data["version"] == eq.PTQConfig.VERSION == 1
+    assert eq.PTQConfig.from_dict(json.loads(json.dumps(data))) == config
+    assert eq.PTQConfig.from_dict({"version": 1}) == eq.PTQConfig()  # missing fields take the defaults
+    with pytest.raises(ValueError, match=r"PTQConfig has no field 'estimator'; its fields are range_estimator, "):
+        eq.PTQConfig.from_dict({"version": 1, "estimator": "mse"})
+    with pytest.raises(ValueError, match=r"version 2, newer than this edgequant reads \(up to 1\); upgrade"):
+        eq.PTQConfig.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match="range_estimator must be one of"):
+        eq.PTQConfig.from_dict({**data, "range_estimator": "kl"})  # from_dict validates like the constructor
 
 
 @pytest.mark.parametrize(

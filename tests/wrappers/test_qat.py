@@ -1,5 +1,7 @@
 """QATModule end to end on the torchvision zoo: train steps, eval, export, resume."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,7 @@ def _steps(qmodel, x, y, n=2, lr=1e-3):
 def trained(request, digits_train):
     x, y = digits_train
     model = warmed_model(request.param, x)
-    qmodel = eq.QATModule(model, (x[:8],), scheme="int8_pow2", total_epochs=3)
+    qmodel = eq.QATModule(model, (x[:8],), scheme="int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(3)))
     _steps(qmodel, x, y)
     qmodel.eval()
     return request.param, qmodel
@@ -69,7 +71,9 @@ def test_state_dict_resume_gives_identical_outputs(trained, digits_train, digits
     name, qmodel = trained
     x = digits_test[0][:16]
     state = qmodel.state_dict()
-    fresh = eq.QATModule(warmed_model(name, digits_train[0], steps=1), (digits_train[0][:8],), total_epochs=3)
+    fresh = eq.QATModule(
+        warmed_model(name, digits_train[0], steps=1), (digits_train[0][:8],), config=eq.QATConfig(eq.FreezeSchedule(3))
+    )
     fresh.load_state_dict(state)
     fresh.eval()
     with torch.no_grad():
@@ -80,8 +84,8 @@ def test_state_dict_resume_gives_identical_outputs(trained, digits_train, digits
 @pytest.mark.slow
 def test_freeze_schedule_follows_epochs(digits_train):
     x, y = digits_train
-    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), total_epochs=4)
-    assert (qmodel.schedule.bn_freeze_epoch, qmodel.schedule.range_freeze_epoch) == (2, 3)
+    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), config=eq.QATConfig(eq.FreezeSchedule(4)))
+    assert (qmodel.config.schedule.bn_freeze_epoch, qmodel.config.schedule.range_freeze_epoch) == (2, 3)
     bn_var = qmodel.model.bn1.running_var
     seen = []
     for epoch in range(4):
@@ -103,7 +107,7 @@ def test_freeze_schedule_follows_epochs(digits_train):
 @pytest.mark.slow
 def test_evaluating_before_training_does_not_count_as_epoch(digits_train):
     x, y = digits_train
-    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), total_epochs=2)
+    qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],), config=eq.QATConfig(eq.FreezeSchedule(2)))
     qmodel.eval()
     qmodel.train()
     qmodel.eval()
@@ -144,9 +148,9 @@ def test_qat_from_ptq_starts_where_ptq_ended(digits_model, digits_test, tmp_path
     # exponents by output error (the default) hands over its weights and activation ranges, not those.
     config = eq.PTQConfig(weight_exponent="ceil")
     ptq = eq.PTQModule(digits_model("mobilenet_v2"), (x[:16],), "int8_pow2", config).calibrate(calib, progress=False)
-    qmodel = eq.QATModule.from_ptq(ptq, total_epochs=2).eval()
+    qmodel = eq.QATModule.from_ptq(ptq, config=eq.QATConfig(eq.FreezeSchedule(2))).eval()
     ptq_scales = [o.calculate_qparams()[0] for o in ptq.activation_observers()]
-    qat_scales = [fq.scale for fq in qmodel.fake_quantizers() if fq.activation_post_process.averaging_constant != 1.0]
+    qat_scales = [fq.scale for fq in qmodel.activation_quantizers()]
     assert all(torch.equal(a, b) for a, b in zip(ptq_scales, qat_scales, strict=True))
     with torch.no_grad():
         # same folded weights and ranges: the converted models compute the same integers
@@ -182,7 +186,7 @@ def _eval_equals_convert(qmodel, x) -> torch.Tensor:
 def test_eval_is_the_integer_model_at_every_point_of_training(name, scheme, digits_train, digits_test, tmp_path):
     x, y = digits_train
     x_test = digits_test[0][:48]
-    qmodel = eq.QATModule(warmed_model(name, x), (x[:8],), scheme, total_epochs=2)
+    qmodel = eq.QATModule(warmed_model(name, x), (x[:8],), scheme, config=eq.QATConfig(eq.FreezeSchedule(2)))
     outputs = [_eval_equals_convert(qmodel, x_test)]  # before any step
     _steps(qmodel, x, y, n=1)
     outputs.append(_eval_equals_convert(qmodel, x_test))  # after one step
@@ -204,7 +208,7 @@ def test_eval_is_the_integer_model_at_every_point_of_training(name, scheme, digi
     after = _eval_equals_convert(qmodel, x_test)
     assert qmodel.integer_model() is not cached
     # Resumed from a checkpoint in a fresh process-like wrapper: the same integer model.
-    fresh = eq.QATModule(warmed_model(name, x, steps=1), (x[:8],), scheme, total_epochs=2)
+    fresh = eq.QATModule(warmed_model(name, x, steps=1), (x[:8],), scheme, config=eq.QATConfig(eq.FreezeSchedule(2)))
     fresh.load_state_dict(qmodel.state_dict())
     assert torch.equal(_eval_equals_convert(fresh, x_test), after)
     # And what eval shows is what onnxruntime computes on the exported file.
@@ -243,7 +247,7 @@ def test_dead_channel_model_trains_without_nan_and_ends_near_float(digits_model,
     model = _mobilenet_with_dead_channel(digits_model("mobilenet_v2"))
     test = list(zip(digits_test[0].split(120), digits_test[1].split(120), strict=True))
     float_top1 = accuracy(model, test)
-    qmodel = eq.QATModule(model, (x[:32],), "int8_pow2", total_epochs=1)
+    qmodel = eq.QATModule(model, (x[:32],), "int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(1)))
     assert qmodel.dead_channels == {"features.1.conv.0.0": [3]}
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     qmodel.train()
@@ -319,10 +323,100 @@ def test_calibration_data_starts_qat_from_the_ptq_recipe(digits_model, digits_tr
     config = eq.PTQConfig(weight_exponent="ceil")
     ptq = eq.PTQModule(model, (x[:32],), "int8_pow2", config).calibrate(calib, progress=False)
     qmodel = eq.QATModule(
-        model, (x[:32],), "int8_pow2", total_epochs=2, calibration_data=calib, ptq_config=config
+        model,
+        (x[:32],),
+        "int8_pow2",
+        config=eq.QATConfig(eq.FreezeSchedule(2)),
+        calibration_data=calib,
+        ptq_config=config,
     ).eval()
     x_test = digits_test[0][:64]
     with torch.no_grad():
         # Same folded, equalized weights and the same ranges: the same integer model as PTQ's.
         assert torch.equal(qmodel(x_test), ptq(x_test))
     assert qmodel.dead_channels == ptq.dead_channels == {"features.1.conv.0.0": [3]}
+
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+
+
+def test_qat_config_round_trips_and_validates():
+    config = eq.QATConfig(eq.FreezeSchedule(10), averaging_constant=0.05, sync=False)
+    data = config.to_dict()
+    assert data == {
+        "version": 1,
+        "schedule": {"version": 1, "total_epochs": 10},
+        "averaging_constant": 0.05,
+        "sync": False,
+    }
+    assert eq.QATConfig.from_dict(json.loads(json.dumps(data))) == config
+    assert eq.QATConfig.from_dict({"version": 1}) == eq.QATConfig()
+    with pytest.raises(ValueError, match=r"QATConfig data has version 2, newer .*upgrade edgequant"):
+        eq.QATConfig.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match="QATConfig has no field 'total_epochs'; its fields are schedule, "):
+        eq.QATConfig.from_dict({"version": 1, "total_epochs": 10})
+    with pytest.raises(ValueError, match=r"schedule must be an eq\.FreezeSchedule, e\.g\. FreezeSchedule\("):
+        eq.QATConfig(schedule=10)
+    for bad in (0, 1.0, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match=r"averaging_constant must be a number in \(0, 1\)"):
+            eq.QATConfig(averaging_constant=bad)
+    with pytest.raises(ValueError, match="sync must be True or False, got 'no'"):
+        eq.QATConfig(sync="no")
+
+
+def test_default_call_and_a_wrong_config_type():
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.QATModule(_conv_bn(), (x,), "int8_pow2")
+    assert qmodel.config == eq.QATConfig()
+    assert {fq.activation_post_process.averaging_constant for fq in qmodel.activation_quantizers()} == {0.01}
+    assert all(fq.activation_post_process.sync_across_ranks for fq in qmodel.activation_quantizers())
+    unsynced = eq.QATModule(_conv_bn(), (x,), "int8_pow2", eq.QATConfig(sync=False))
+    assert not any(fq.activation_post_process.sync_across_ranks for fq in unsynced.activation_quantizers())
+    # The old fourth argument was total_epochs: the error says what to pass instead.
+    with pytest.raises(TypeError, match=r"config must be an eq\.QATConfig, e\.g\. .*FreezeSchedule.*; got int"):
+        eq.QATModule(_conv_bn(), (x,), "int8_pow2", 10)
+
+
+def test_averaging_constant_sets_how_fast_a_range_follows():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 8, 8)
+    grown = {}
+    for constant in (0.01, 0.5):
+        qmodel = eq.QATModule(_conv_bn(), (x,), "int8_pow2", eq.QATConfig(averaging_constant=constant)).train()
+        observer = qmodel.activation_quantizers()[0].activation_post_process  # the network input's range
+        start = float(observer.max_val)  # from the example batch: the first of the running mean
+        with torch.no_grad():
+            for _ in range(3):
+                qmodel(10 * x)
+        grown[constant] = float(observer.max_val) / start
+    # Each batch weighs max(1/n, c): 0.01 keeps the plain mean of (1, 10, 10, 10) = 7.75 here,
+    # 0.5 halves the distance to 10 at each step: 1 -> 5.5 -> 7.75 -> 8.875.
+    assert grown[0.01] == pytest.approx(7.75, rel=1e-5)
+    assert grown[0.5] == pytest.approx(8.875, rel=1e-5)
+
+
+def test_freeze_schedule_from_the_config_freezes_bn_then_ranges():
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 8, 8)
+    qmodel = eq.QATModule(_conv_bn(), (x[:4],), "int8_pow2", eq.QATConfig(eq.FreezeSchedule(total_epochs=4)))
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-2)
+    running_var = qmodel.model.get_buffer("1.running_var")
+    seen = []
+    for epoch in range(4):
+        qmodel.train()
+        var_before = running_var.clone()
+        ranges_before = [fq.activation_post_process.max_val.clone() for fq in qmodel.activation_quantizers()]
+        for step in range(2):
+            optimizer.zero_grad()
+            qmodel(x * (1 + epoch + step)).square().mean().backward()  # growing inputs: ranges must move
+            optimizer.step()
+        qmodel.eval()
+        ranges_moved = any(
+            not torch.equal(before, fq.activation_post_process.max_val)
+            for before, fq in zip(ranges_before, qmodel.activation_quantizers(), strict=True)
+        )
+        seen.append((qmodel.epoch, not torch.equal(var_before, running_var), ranges_moved))
+    # FreezeSchedule(4): BN statistics freeze at epoch 2, ranges at epoch 3.
+    assert seen == [(0, True, True), (1, True, True), (2, False, True), (3, False, False)]

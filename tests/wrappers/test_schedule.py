@@ -16,5 +16,14 @@ def test_freeze_points(epochs, bn, ranges):
 
 
 def test_bad_total_epochs():
-    with pytest.raises(ValueError):
-        FreezeSchedule(0)
+    for bad in (0, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="total_epochs must be a whole number >= 1, or None"):
+            FreezeSchedule(bad)
+
+
+def test_round_trip_through_plain_data():
+    for schedule in (FreezeSchedule(), FreezeSchedule(10)):
+        assert FreezeSchedule.from_dict(schedule.to_dict()) == schedule
+    assert FreezeSchedule(10).to_dict() == {"version": 1, "total_epochs": 10}
+    with pytest.raises(ValueError, match="FreezeSchedule has no field 'bn_epoch'"):
+        FreezeSchedule.from_dict({"version": 1, "bn_epoch": 3})

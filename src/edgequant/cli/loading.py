@@ -24,6 +24,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..core.errors import UsageError
 from ..demo.data import NUM_CLASSES as DIGITS_CLASSES
 from ..demo.data import digits_tensors
 from ..wrappers.checkpoint import missing_and_unexpected, strip_wrapper_prefixes
@@ -38,15 +39,15 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
 MAX_LISTED = 8
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UsageError):
     """A MODEL argument that does not name a model we can build."""
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A checkpoint that cannot be loaded into the model."""
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data argument that yields no usable images."""
 
 
@@ -205,7 +206,7 @@ def _subset(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
-        raise ValueError(f"the sample limit must be at least 1, got {limit}")
+        raise UsageError(f"the sample limit must be at least 1, got {limit}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     return Subset(dataset, sorted(order[:limit].tolist()))
 
@@ -248,7 +249,7 @@ def image_folder_loader(
     from torchvision import transforms
 
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+        raise UsageError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -308,7 +309,7 @@ def load_data(
     """
     if source == DIGITS:
         if mean is not None or std is not None:
-            raise ValueError("--mean / --std apply to image folders; the digits come normalized to [-1, 1]")
+            raise UsageError("--mean / --std apply to image folders; the digits come normalized to [-1, 1]")
         return digits_data(split, image_size or DIGITS_SIZE, batch_size, limit, shuffle)
     return image_folder_loader(
         source,

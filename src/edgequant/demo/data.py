@@ -8,6 +8,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..core.errors import UsageError
+
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2  # 360 of the 1797 images
 
@@ -19,7 +21,7 @@ def digits_tensors(split: str, size: int = 32, seed: int = 0) -> tuple[torch.Ten
     torchvision models run on them unchanged.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import torch
 
-from ..wrappers.qat import QATModule
+from ..wrappers.qat import QATConfig, QATModule
+from ..wrappers.schedule import FreezeSchedule
 from .data import digits_loader
 from .training import DEFAULT_RECIPE, accuracy, cache_dir, float_digits_model, onnx_accuracy, train_epochs
 
@@ -45,7 +46,7 @@ def run(model_name: str, qat_epochs: int, lr: float, out_dir: Path) -> dict[str,
     qmodel = _timed(
         times,
         "QAT wrap (from PTQ)",
-        lambda: QATModule(model, example, "int8_pow2", total_epochs=qat_epochs, calibration_data=calib),
+        lambda: QATModule(model, example, "int8_pow2", QATConfig(FreezeSchedule(qat_epochs)), calibration_data=calib),
     )
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     _timed(

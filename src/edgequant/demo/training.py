@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.errors import UsageError
 from ..core.files import atomic_path
 from ..export.runtime import run_onnx, session
 from .data import NUM_CLASSES, digits_loader
@@ -35,7 +36,7 @@ def build_model(name: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.
     try:
         factory = torchvision.models.get_model_builder(name)
     except ValueError:
-        raise ValueError(f"unknown torchvision model {name!r}") from None
+        raise UsageError(f"unknown torchvision model {name!r}") from None
     torch.manual_seed(seed)
     return factory(weights=None, num_classes=num_classes)
 

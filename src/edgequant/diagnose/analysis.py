@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
+from ..core.errors import NonFiniteError, UsageError
 from ..graph.bias_correction import mean_shift
 from ..graph.convert import int32_bias
 from ..graph.ops import (
@@ -91,16 +92,16 @@ def _read(data: Iterable | torch.Tensor, what: str) -> _Data:
             label = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
             labels.append(label)
         else:
-            raise TypeError(
+            raise UsageError(
                 f"{what}: batch {index} is a {type(batch).__name__}; batches must be tensors or (inputs, labels) pairs"
             )
         if not bool(torch.isfinite(inputs[-1]).all()):
-            raise ValueError(f"{what}: batch {index} contains NaN or Inf; clean the data before analysing")
+            raise NonFiniteError(f"{what}: batch {index} contains NaN or Inf; clean the data before analysing")
     if not inputs:
-        raise ValueError(f"{what} yielded no batch; is the loader empty or exhausted?")
+        raise UsageError(f"{what} yielded no batch; is the loader empty or exhausted?")
     have = [y is not None for y in labels]
     if any(have) and not all(have):
-        raise ValueError(f"{what}: some batches have labels and some do not; give labels for all batches or none")
+        raise UsageError(f"{what}: some batches have labels and some do not; give labels for all batches or none")
     return _Data(inputs, torch.cat(labels) if all(have) else None)
 
 
@@ -109,7 +110,7 @@ def _logits(out: object) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"analyze compares tensor outputs; the model returned a {type(out).__name__}")
+        raise UsageError(f"analyze compares tensor outputs; the model returned a {type(out).__name__}")
     return out.detach().float()
 
 
@@ -134,7 +135,7 @@ def fidelity(
 ) -> Fidelity:
     """SQNR, top-1 agreement with the reference and, with labels, top-1 accuracy."""
     if reference.dim() < 2:
-        raise ValueError(f"top-1 needs class scores along dim 1; the model output has shape {tuple(reference.shape)}")
+        raise UsageError(f"top-1 needs class scores along dim 1; the model output has shape {tuple(reference.shape)}")
     predicted = test.argmax(1)
     agreement = 100.0 * float((predicted == reference.argmax(1)).float().mean())
     accuracy = None if labels is None else 100.0 * float((predicted == labels).float().mean())
@@ -365,9 +366,8 @@ class BitWidthSimulator:
                 continue
             out = _output_node(gm, node)
             out_switch = next((switches[u.target] for u in out.users if u.target in switches), None) if out else None
-            kind = (
-                "linear" if node.target == aten.linear.default else "depthwise conv" if is_depthwise(node, weight) else "conv"
-            )
+            kind = "depthwise conv" if is_depthwise(node, weight) else "conv"
+            kind = "linear" if node.target == aten.linear.default else kind
             layers[name] = _Layer(name, kind, weight.detach(), w_switch, out_switch, biases)
         return layers
 
@@ -404,7 +404,7 @@ def _outside_pct(switches: list[_Switch]) -> float:
 
 def _eight_bit(scheme: Scheme) -> Scheme:
     if (scheme.weight_bits, scheme.activation_bits) != (8, 8):
-        raise ValueError(
+        raise UsageError(
             f"analyze compares an 8-bit scheme with its 16-bit counterpart; scheme {scheme.name!r} has "
             f"{scheme.weight_bits}-bit weights and {scheme.activation_bits}-bit activations. "
             "Pass an 8-bit scheme such as 'int8_pow2' or 'int8'."
@@ -528,9 +528,9 @@ def analyze(
     base = _eight_bit(get_scheme(scheme))
     wide = sixteen_bit(base)
     if not 0 <= tolerance < 100:
-        raise ValueError(f"tolerance is in points of top-1 agreement, between 0 and 100; got {tolerance}")
+        raise UsageError(f"tolerance is in points of top-1 agreement, between 0 and 100; got {tolerance}")
     if sweep_samples < 1:
-        raise ValueError(f"sweep_samples must be at least 1, got {sweep_samples}")
+        raise UsageError(f"sweep_samples must be at least 1, got {sweep_samples}")
     target = _Target(tolerance, target_sqnr_db)
     calib = _read(data, "data")
     evaluation = calib if eval_data is None else _read(eval_data, "eval_data")

@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from ..core.errors import UsageError
 from ..graph.batchnorm import DEAD_VARIANCE
 from ..graph.capture import CaptureError, capture, check_example_inputs
 from ..graph.ops import module_name
@@ -82,7 +83,7 @@ class Finding:
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+            raise UsageError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
         object.__setattr__(self, "subject", tuple(self.subject))
         object.__setattr__(self, "doc", f"{DOC}#{self.code}")
 
@@ -129,9 +130,9 @@ def check(
     model is not changed.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise UsageError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     findings: list[Finding] = []
     graph = None
     if example_inputs is not None:

@@ -11,6 +11,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
+from ..core.errors import UsageError
 from ..core.files import atomic_path, check_writable, keep_as
 from ..numerics.scheme import Scheme
 from .parity import ParityError, ParityReport, compare, reexport, torch_outputs
@@ -52,9 +53,9 @@ def choose_opset(model: GraphModule, requested: int | None) -> int:
     if requested is None:
         return needed
     if not MIN_OPSET <= requested <= MAX_OPSET:
-        raise ValueError(f"opset {requested} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+        raise UsageError(f"opset {requested} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     if requested < needed:
-        raise ValueError(f"opset {requested} cannot express int16 Q/DQ; use {INT16_OPSET} or newer")
+        raise UsageError(f"opset {requested} cannot express int16 Q/DQ; use {INT16_OPSET} or newer")
     return requested
 
 

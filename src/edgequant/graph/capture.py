@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..core.errors import EdgequantError
+from ..core.errors import CaptureWarning, EdgequantError, UsageError
+from .ops import module_name
 
 
 class CaptureError(EdgequantError, RuntimeError):
@@ -99,16 +100,16 @@ _HINTS = (
 def check_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     """Validate example inputs early: a tuple of float tensors with a batch dimension."""
     if isinstance(example_inputs, torch.Tensor):
-        raise TypeError("example_inputs must be a tuple of tensors, e.g. example_inputs=(x,)")
+        raise UsageError("example_inputs must be a tuple of tensors, e.g. example_inputs=(x,)")
     if not isinstance(example_inputs, Sequence) or not example_inputs:
-        raise TypeError("example_inputs must be a non-empty tuple of tensors, e.g. (x,)")
+        raise UsageError("example_inputs must be a non-empty tuple of tensors, e.g. (x,)")
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] is a {type(x).__name__}, expected a torch.Tensor")
+            raise UsageError(f"example_inputs[{i}] is a {type(x).__name__}, expected a torch.Tensor")
         if not x.is_floating_point():
-            raise TypeError(f"example_inputs[{i}] has dtype {x.dtype}; the model input must be a float tensor")
+            raise UsageError(f"example_inputs[{i}] has dtype {x.dtype}; the model input must be a float tensor")
         if x.dim() < 2:
-            raise ValueError(f"example_inputs[{i}] has shape {tuple(x.shape)}; expected a batch dimension first")
+            raise UsageError(f"example_inputs[{i}] has shape {tuple(x.shape)}; expected a batch dimension first")
     return tuple(example_inputs)
 
 
@@ -120,7 +121,7 @@ def check_input_dtypes(model: nn.Module, example_inputs: tuple[torch.Tensor, ...
     (dtype,) = dtypes
     for i, x in enumerate(example_inputs):
         if x.dtype != dtype:
-            raise TypeError(
+            raise UsageError(
                 f"example_inputs[{i}] has dtype {x.dtype} but the model's weights are {dtype}; "
                 f"convert the inputs with .to({dtype})"
             )
@@ -222,6 +223,7 @@ def _capture_mode(model: nn.Module) -> nn.Module:
         warnings.warn(
             f"BN layers with momentum=None (cumulative average) cannot be captured; {_names(cumulative)} "
             "will update their running statistics with momentum 0.1 during QAT",
+            CaptureWarning,
             stacklevel=3,
         )
     return model
@@ -238,13 +240,12 @@ def warn_random_ops(graph: torch.fx.GraphModule) -> None:
     for node in graph.graph.nodes:
         op = str(getattr(node.target, "_overloadpacket", node.target)).removeprefix("aten.")
         if node.op == "call_function" and op.rstrip("_").removesuffix("_like") in RANDOM_OPS:
-            stack = node.meta.get("nn_module_stack") or {}
-            where = list(stack.values())[-1][0] if stack else ""
-            found.append(f"aten.{op} in `{where or '<root>'}`")
+            found.append(f"aten.{op} in `{module_name(node) or '<root>'}`")
     if found:
         warnings.warn(
             f"the captured graph draws random numbers ({', '.join(sorted(set(found)))}) outside nn.Dropout; "
             "they run in eval mode and in the exported model too. Make them depend on self.training or remove them.",
+            CaptureWarning,
             stacklevel=3,
         )
 
@@ -330,7 +331,7 @@ def capture(
     else:
         shape_error = _shape_error(model, inputs)
         if shape_error:
-            raise ValueError(shape_error) from None
+            raise UsageError(shape_error) from None
         raise CaptureError(explain_export_failure(model, failure), log) from None
     graph = program.module()
     if dynamic_spatial:

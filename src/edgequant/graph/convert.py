@@ -77,7 +77,7 @@ def rerange_weights(model: GraphModule) -> int:
             continue
         fq = model.get_submodule(node.target)
         obs = getattr(fq, "activation_post_process", None)
-        if not isinstance(fq, FakeQuantize) or fq.is_frozen or obs.averaging_constant != 1.0:
+        if not isinstance(fq, FakeQuantize) or fq.is_frozen:
             continue
         low, high = obs.extremes(operator.attrgetter(source.target)(model))
         obs.min_val, obs.max_val = low, high

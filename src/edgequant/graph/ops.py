@@ -8,14 +8,17 @@ follows.
 from __future__ import annotations
 
 import operator
+from typing import TypeVar
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..numerics import distributed
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
+_Module = TypeVar("_Module", bound=nn.Module)
 
 # --- layers with weights -------------------------------------------------------------
 CONV_OPS = (aten.conv1d.default, aten.conv2d.default)
@@ -183,3 +186,20 @@ def is_depthwise(node: Node, weight: torch.Tensor | None = None) -> bool:
         return False
     weight = weight if weight is not None else node.args[1].meta.get("val")
     return conv_groups(node) > 1 and weight is not None and weight.shape[1] == 1
+
+
+def activation_quantizer_nodes(gm: GraphModule, kind: type[_Module]) -> list[tuple[Node, _Module]]:
+    """The `kind` modules (observers or fake-quantizers) of a prepared graph that see activations, in graph order.
+
+    What tells them from weight quantizers is what they read: a weight quantizer reads
+    a get_attr node (the parameter), an activation quantizer any other node. Each comes
+    with its graph node, whose users and input say where the activation goes and comes from.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if isinstance(source, Node) and source.op != "get_attr":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, kind):
+                found.append((node, module))
+    return found

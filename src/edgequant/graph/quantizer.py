@@ -25,6 +25,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
+from ..core.errors import UnquantizedOpsWarning, UsageError
 from ..numerics.observers import FakeQuantize, RangeObserver
 from ..numerics.scales import qrange
 from ..numerics.scheme import Scheme
@@ -46,25 +47,8 @@ from .ops import (
 aten = torch.ops.aten
 
 _BITS_KEY = "edgequant_bits"
-
-
-class UnquantizedOpsWarning(UserWarning):
-    """Some ops of the model have no quantization rule and stay in float.
-
-    `ops` maps each op name to the modules it runs in, for tools that tabulate them.
-    """
-
-    def __init__(self, ops: dict[str, list[str]]) -> None:
-        self.ops = ops
-        parts = [f"{op} x{len(where)} (e.g. in `{where[0]}`)" for op, where in sorted(ops.items(), key=_by_count)]
-        super().__init__(
-            "edgequant has no quantization rule for these ops; they stay in float between Q/DQ pairs "
-            "(the engine must run them in float): " + ", ".join(parts)
-        )
-
-
-def _by_count(item: tuple[str, list[str]]) -> tuple[int, str]:
-    return -len(item[1]), item[0]
+# Weight of each batch in the moving average of a QAT activation range (QATConfig's default).
+DEFAULT_AVERAGING_CONSTANT = 0.01
 
 
 @dataclass(frozen=True)
@@ -124,7 +108,7 @@ def high_precision_layers(model: GraphModule, scheme: Scheme) -> set[Node]:
     named = {module_name(n) for n in weighted}
     missing = [c for c in choice if not any(m == c or m.startswith(c + ".") for m in named)]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"high_precision names no conv or linear layer: {', '.join(missing)}. "
             f"Quantizable layers include: {', '.join(sorted(named)[:12])}{' ...' if len(named) > 12 else ''}"
         )
@@ -132,12 +116,16 @@ def high_precision_layers(model: GraphModule, scheme: Scheme) -> set[Node]:
 
 
 class EdgeQuantizer(Quantizer):
-    """Annotates an exported graph for one `Scheme`, for PTQ (observers) or QAT (fake-quant)."""
+    """Annotates an exported graph for one `Scheme`, for PTQ (observers) or QAT (fake-quant).
 
-    def __init__(self, scheme: Scheme, qat: bool) -> None:
+    With ``qat``, activation ranges follow a moving average with weight ``averaging_constant``.
+    """
+
+    def __init__(self, scheme: Scheme, qat: bool, averaging_constant: float = DEFAULT_AVERAGING_CONSTANT) -> None:
         super().__init__()
         self.scheme = scheme
         self.qat = qat
+        self.averaging_constant = averaging_constant
         self.specs = {bits: self._make_specs(bits) for bits in {scheme.activation_bits, 16}}
         self.default_bits = scheme.activation_bits
 
@@ -153,7 +141,10 @@ class EdgeQuantizer(Quantizer):
         if self.qat:
             # Activations follow a moving average; weights are re-ranged every step.
             act_ctr = FakeQuantize.with_args(
-                observer=RangeObserver, averaging_constant=0.01, symmetric=scheme.symmetric_activations, **common
+                observer=RangeObserver,
+                averaging_constant=self.averaging_constant,
+                symmetric=scheme.symmetric_activations,
+                **common,
             )
         else:
             act_ctr = RangeObserver.with_args(symmetric=scheme.symmetric_activations, **common)

@@ -1,6 +1,7 @@
 """Range observers and fake-quantize modules that torchao's prepare inserts.
 
-`RangeObserver` watches a tensor's range and turns it into a scale through
+`RangeObserver` watches a tensor's range (folded in by `ranges.py`, optionally
+estimated from a histogram by `histogram.py`) and turns it into a scale through
 `scales.py`; `FakeQuantize` adds the straight-through rounding used in QAT and
 the switches that freeze ranges.
 """
@@ -14,7 +15,9 @@ import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize as _TorchaoFakeQuantize
 from torchao.quantization.pt2e.observer import ObserverBase
 
-from . import distributed, scales
+from . import distributed, ranges, scales
+from .histogram import AbsHistogram
+from .moments import ChannelMoments
 
 
 class RangeObserver(ObserverBase):
@@ -28,6 +31,11 @@ class RangeObserver(ObserverBase):
     With `sync_across_ranks` set, each batch's extremes are first reduced to the
     min / max over all ranks of torch.distributed (a no-op in a single process), so
     every rank folds in the same global extremes and holds the same range.
+
+    The observer holds the range and its checkpointed state; the pieces it composes
+    each do one job: `ranges` folds a batch into the range, an `AbsHistogram`
+    (`start_histogram`) estimates a tighter one, `ChannelMoments`
+    (`track_channel_stats`) keeps the input statistics bias correction reads.
     """
 
     min_val: torch.Tensor
@@ -63,72 +71,45 @@ class RangeObserver(ObserverBase):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
+        # Host mirror of `updates`, so the averaging weight is a Python number (None: re-read it).
         self._history: int | None = 0
-        # PTQ range estimation beyond min/max: a histogram of |x| over a fixed range,
-        # filled in a second calibration pass (memory stays at `bins` counts).
-        self.estimator = "minmax"
-        self.percentile = 99.99
-        self.hist: torch.Tensor | None = None
-        self.hist_max = 0.0
-        # Per-channel mean and mean square of the observed tensor (along `channel_dim`): the
-        # input statistics of the next layer that bias correction and exponent choice use.
-        self.channel_sum: torch.Tensor | None = None
-        self.channel_sq_sum: torch.Tensor | None = None
-        self.channel_count = 0
-        self.channel_dim = 1
+        self.histogram: AbsHistogram | None = None
+        self.channel_stats: ChannelMoments | None = None
         # False while a pass only reads the graph (AdaRound collecting layer inputs).
         self.observing = True
 
     def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
-        """Switch to histogram collection over [0, max |x| seen so far]."""
-        self.estimator, self.percentile = estimator, percentile
-        self.hist_max = float(torch.maximum(-self.min_val, self.max_val))
-        self.hist = torch.zeros(bins)
+        """Stop moving the range; bin |x| over [0, max |x| seen so far] for `estimator` instead."""
+        limit = float(torch.maximum(-self.min_val, self.max_val))
+        self.histogram = AbsHistogram(estimator, limit, percentile, bins)
 
     def track_channel_stats(self, dim: int = 1) -> None:
         """Also average x and x^2 per channel along `dim`: 1 for NCHW, -1 for channels-last data."""
-        self.channel_sum, self.channel_sq_sum = torch.zeros(0), torch.zeros(0)
-        self.channel_count, self.channel_dim = 0, dim
+        self.channel_stats = ChannelMoments(dim)
 
     @property
     def channel_mean(self) -> torch.Tensor | None:
-        if self.channel_sum is None or not self.channel_count:
-            return None
-        return self.channel_sum / self.channel_count
+        """Per-channel mean of the observed tensors (with `track_channel_stats`), for bias correction."""
+        return None if self.channel_stats is None else self.channel_stats.mean
 
     @property
     def channel_energy(self) -> torch.Tensor | None:
         """Per-channel mean of x^2: how much a weight error on that input channel costs the output."""
-        if self.channel_sq_sum is None or not self.channel_count:
-            return None
-        return self.channel_sq_sum / self.channel_count
+        return None if self.channel_stats is None else self.channel_stats.energy
 
     def extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, max) of x: scalars, or one per channel along ch_axis."""
-        x = x.detach().to(torch.float32)
-        if self.ch_axis is None:
-            return torch.aminmax(x)
-        flat = x.movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
-        # amin / amax separately: aminmax with dim is several times slower on CPU.
-        return flat.amin(dim=1), flat.amax(dim=1)
+        return ranges.batch_extremes(x, self.ch_axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.numel() or not self.observing:
             return x
-        if self.hist is not None:
-            if self.hist_max > 0:
-                self.hist += torch.histc(x.detach().abs().float(), len(self.hist), 0, self.hist_max)
+        if self.histogram is not None:
+            self.histogram.add(x)
         else:
             self.update(*self.extremes(x))
-        if self.channel_sum is not None and self.channel_sq_sum is not None and x.dim() >= 2:
-            channel = self.channel_dim % x.dim()
-            others = [d for d in range(x.dim()) if d != channel]
-            values = x.detach().float()
-            total, squares = values.sum(dim=others), values.square().sum(dim=others)
-            if self.channel_sum.numel():
-                total, squares = self.channel_sum + total, self.channel_sq_sum + squares
-            self.channel_sum, self.channel_sq_sum = total, squares
-            self.channel_count += x.numel() // x.shape[channel]
+        if self.channel_stats is not None:
+            self.channel_stats.add(x)
         return x
 
     def update(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
@@ -138,25 +119,14 @@ class RangeObserver(ObserverBase):
         if self.min_val.shape != batch_min.shape:
             self.min_val = torch.full_like(batch_min, float("inf"))
             self.max_val = torch.full_like(batch_max, float("-inf"))
-        c = self.averaging_constant
-        if c is None:
-            torch.minimum(self.min_val, batch_min, out=self.min_val)
-            torch.maximum(self.max_val, batch_max, out=self.max_val)
-            return
-        # A plain running mean for the first 1/c updates, then the moving average:
-        # ranges settle within a few steps instead of drifting from their first value.
-        # The count is mirrored on the host, so the weight is a Python number.
-        if self._history is None:
-            self._history = int(self.updates)
-        self._history += 1
-        self.updates.fill_(self._history)
-        if self._history == 1 or c == 1.0:
-            self.min_val.copy_(batch_min)
-            self.max_val.copy_(batch_max)
-        else:
-            weight = max(1.0 / self._history, c)
-            self.min_val.lerp_(batch_min, weight)
-            self.max_val.lerp_(batch_max, weight)
+        weight = None
+        if self.averaging_constant is not None:
+            if self._history is None:
+                self._history = int(self.updates)
+            self._history += 1
+            self.updates.fill_(self._history)
+            weight = ranges.averaging_weight(self._history, self.averaging_constant)
+        ranges.fold(self.min_val, self.max_val, batch_min, batch_max, weight)
 
     def set_history(self, updates: int) -> None:
         """Count `updates` earlier batches as folded in (e.g. a calibration carried over)."""
@@ -178,12 +148,8 @@ class RangeObserver(ObserverBase):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the current range (which must have been observed)."""
         if self.symmetric:
-            max_abs = torch.maximum(-self.min_val, self.max_val)
-            if self.hist is not None and self.hist.sum() > 0:
-                if self.estimator == "percentile":
-                    max_abs = scales.histogram_percentile(self.hist, self.hist_max, self.percentile)
-                elif self.estimator == "mse":
-                    max_abs = scales.mse_optimal_max_abs(self.hist, self.hist_max, self.quant_max, self.power_of_2)
+            estimate = None if self.histogram is None else self.histogram.max_abs(self.quant_max, self.power_of_2)
+            max_abs = torch.maximum(-self.min_val, self.max_val) if estimate is None else estimate
             scale = scales.symmetric_scale(max_abs, self.quant_max, self.power_of_2)
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
         else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.ao.quantization.fx._decomposed  # (defines the quantized_decomposed ops registered below)
 
+from ..core.errors import UsageError
+
 # Smallest scale we hand out: a range of exactly zero must still give a valid,
 # finite quantizer (a dead channel is common after BN folding).
 MIN_SCALE = 2.0**-24
@@ -20,7 +22,7 @@ _EXPONENT_MASK = -(1 << 23)
 def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
     """Integer range of a `bits`-wide type, e.g. (-128, 127) for int8."""
     if bits < 2 or bits > 32:
-        raise ValueError(f"bit width must be between 2 and 32, got {bits}")
+        raise UsageError(f"bit width must be between 2 and 32, got {bits}")
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -62,7 +64,7 @@ def asymmetric_qparams(
     min_val = torch.clamp(min_val.to(torch.float32), max=0.0)
     max_val = torch.clamp(max_val.to(torch.float32), min=0.0)
     scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE)
-    zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    zero_point = torch.clamp(qmin - to_grid(min_val, scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
 
 
@@ -70,9 +72,10 @@ def to_grid(x: torch.Tensor, scale: torch.Tensor | float, power_of_2: bool = Fal
     """round_half_even(x / scale): the one rounding of edgequant, ONNX QuantizeLinear's.
 
     Every quantizer (fake-quant, the converted model, the analysis simulator, bias
-    correction) rounds through here. torch's reference kernels compute x * (1 / scale);
-    for a free scale that differs from x / scale at about 1 value in 300,000 at 8 bit
-    (1 in 4,000 at 16 bit), and the differences compound through the layers. For a
+    correction, exponent choice, the mse range estimator, zero points) rounds through
+    here. torch's reference kernels compute x * (1 / scale); for a free scale that
+    differs from x / scale at about 1 value in 300,000 at 8 bit (1 in 4,000 at 16 bit),
+    and the differences compound through the layers, while ONNX runtimes divide. For a
     power-of-2 scale the reciprocal is exact, so `power_of_2` takes the faster multiply.
     """
     if power_of_2:
@@ -93,32 +96,6 @@ def is_power_of_2(scale: torch.Tensor) -> bool:
     """True when every element is an exact power of two."""
     mantissa, _ = torch.frexp(scale.to(torch.float32))
     return bool(torch.all(mantissa == 0.5))
-
-
-def histogram_percentile(hist: torch.Tensor, hist_max: float, percentile: float) -> torch.Tensor:
-    """The |x| below which `percentile` % of the histogrammed values lie (upper bin edge)."""
-    cdf = torch.cumsum(hist, 0) / hist.sum().clamp(min=1)
-    index = int(torch.searchsorted(cdf, torch.tensor(percentile / 100.0)).clamp(max=len(hist) - 1))
-    return torch.tensor((index + 1) * hist_max / len(hist))
-
-
-def mse_optimal_max_abs(hist: torch.Tensor, hist_max: float, qmax: int, power_of_2: bool) -> torch.Tensor:
-    """The clipping range that minimises the expected squared quantization error.
-
-    `hist` counts |x| in equal bins over [0, hist_max]. Power-of-2 scales leave only
-    a few candidates (the min/max exponent and the next few below it); free scales
-    are searched on a grid of fractions of hist_max.
-    """
-    bins = len(hist)
-    centers = (torch.arange(bins, dtype=torch.float32) + 0.5) * (hist_max / bins)
-    full = symmetric_scale(torch.tensor(hist_max), qmax, power_of_2)
-    if power_of_2:
-        candidates = full * 2.0 ** -torch.arange(0, 6, dtype=torch.float32)
-    else:
-        candidates = full * torch.linspace(0.2, 1.0, 81)
-    q = torch.clamp(torch.round(centers[None, :] / candidates[:, None]), max=qmax)
-    errors = ((centers[None, :] - q * candidates[:, None]) ** 2 * hist[None, :]).sum(dim=1)
-    return candidates[int(torch.argmin(errors))] * qmax
 
 
 def _quantize_per_tensor(

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
+from ..core.errors import UsageError
+from ..core.records import record, record_fields
 from .scales import qrange
 
 Granularity = Literal["per_tensor", "per_channel", "depthwise_per_channel"]
 # Which layers run in 16 bit: module names, "first_last", or a predicate on the module name.
 HighPrecision = tuple[str, ...] | Literal["first_last"] | Callable[[str], bool] | None
 GRANULARITIES = ("per_tensor", "per_channel", "depthwise_per_channel")
+# How to_dict() records a callable `high_precision`: by name, which from_dict() cannot call.
+CALLABLE_MARK = "<callable "
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,14 @@ class Scheme:
       rest use ``weight_bits`` / ``activation_bits``: module names (a name covers its
       submodules), ``"first_last"`` (the first conv and the last layer), or a
       callable taking a module name.
+
+    ``to_dict()`` / ``from_dict()`` turn a scheme into versioned plain data and back
+    (checkpoints record it so); a callable ``high_precision`` is recorded by name only.
     """
+
+    VERSION: ClassVar[int] = 1
+    # Fields that name a scheme without changing what it computes.
+    LABELS: ClassVar[tuple[str, ...]] = ("name", "description")
 
     name: str = "custom"
     weight_bits: int = 8
@@ -45,19 +57,19 @@ class Scheme:
         for field_name in ("weight_bits", "activation_bits"):
             bits = getattr(self, field_name)
             if bits not in (8, 16):
-                raise ValueError(f"Scheme.{field_name} must be 8 or 16, got {bits}")
+                raise UsageError(f"Scheme.{field_name} must be 8 or 16, got {bits}")
         if self.weight_granularity not in GRANULARITIES:
-            raise ValueError(
+            raise UsageError(
                 f"Scheme.weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}"
             )
         if self.power_of_2 and not self.symmetric_activations:
-            raise ValueError(
+            raise UsageError(
                 "power-of-2 schemes are symmetric: engines that shift instead of "
                 "multiply have no zero point; set symmetric_activations=True"
             )
         hp = self.high_precision
         if isinstance(hp, str) and hp != "first_last":
-            raise ValueError(f"high_precision must be a list of module names, 'first_last' or a callable, got {hp!r}")
+            raise UsageError(f"high_precision must be a list of module names, 'first_last' or a callable, got {hp!r}")
         if isinstance(hp, Sequence) and not isinstance(hp, str):
             object.__setattr__(self, "high_precision", tuple(hp))
 
@@ -72,6 +84,27 @@ class Scheme:
     @property
     def is_mixed(self) -> bool:
         return self.high_precision is not None and (self.weight_bits, self.activation_bits) != (16, 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scheme as versioned plain data (lists, not tuples), for JSON files and checkpoints."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        hp = self.high_precision
+        if isinstance(hp, tuple):
+            fields["high_precision"] = list(hp)
+        elif callable(hp):
+            fields["high_precision"] = f"{CALLABLE_MARK}{getattr(hp, '__qualname__', type(hp).__name__)}>"
+        return record(self.VERSION, fields)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Scheme:
+        """The scheme `to_dict()` recorded; a newer version or an unknown field is refused, not guessed at."""
+        fields = record_fields(data, cls, cls.VERSION)
+        hp = fields.get("high_precision")
+        if isinstance(hp, str) and hp.startswith(CALLABLE_MARK):
+            raise UsageError(
+                f"this scheme's high_precision was a callable ({hp}), which data cannot hold; build the Scheme in code"
+            )
+        return cls(**fields)
 
     def with_high_precision(self, layers: HighPrecision) -> Scheme:
         """This scheme with chosen layers in 16 bit."""
@@ -126,9 +159,9 @@ def get_scheme(scheme: str | Scheme) -> Scheme:
     if isinstance(scheme, Scheme):
         return scheme
     if not isinstance(scheme, str):
-        raise TypeError(f"scheme must be a preset name or an eq.Scheme, got {type(scheme).__name__}")
+        raise UsageError(f"scheme must be a preset name or an eq.Scheme, got {type(scheme).__name__}")
     try:
         return PRESETS[scheme]
     except KeyError:
         valid = ", ".join(sorted(PRESETS))
-        raise ValueError(f"unknown scheme {scheme!r}; valid presets: {valid}") from None
+        raise UsageError(f"unknown scheme {scheme!r}; valid presets: {valid}") from None

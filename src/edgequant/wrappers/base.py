@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..core.errors import InputShapeError
+from ..core.errors import InputShapeError, UsageError
 from ..core.files import check_writable
 from ..export.onnx import ExportResult, export_onnx
 from ..export.parity import torch_outputs
@@ -54,7 +54,7 @@ class QuantWrapper(nn.Module):
             )
         for i, (x, ref) in enumerate(zip(args, self.example_inputs, strict=True)):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"input {i} is a {type(x).__name__}, expected a torch.Tensor")
+                raise UsageError(f"input {i} is a {type(x).__name__}, expected a torch.Tensor")
             if self.dynamic_spatial:
                 fits = x.dim() == ref.dim() and x.shape[1] == ref.shape[1]
             else:

@@ -1,16 +1,18 @@
 """Checkpoints of the quantization wrappers, and errors that say why one does not fit.
 
 A checkpoint is the wrapper's state_dict plus what it was made from: the wrapper
-class, the float model's class, the scheme and the edgequant version. Loading
-compares those first, so a checkpoint from another scheme or architecture is
-refused with the reason instead of failing deep inside torch or, worse, loading
-ranges that mean something else.
+class, the float model's class, the scheme, the wrapper's config and the edgequant
+version. Loading compares those first, so a checkpoint from another scheme or
+architecture is refused with the reason instead of failing deep inside torch or,
+worse, loading ranges that mean something else. Scheme and config are stored as
+their versioned `to_dict()` records.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import EdgequantError
+from ..core.errors import EdgequantError, EdgequantWarning, UsageError
 from ..core.files import atomic_path
+from ..core.records import record, record_fields
 from ..core.version import __version__
 from ..numerics.observers import RangeObserver
 from ..numerics.scheme import Scheme
 
 FORMAT = "edgequant-checkpoint"
-FORMAT_VERSION = 1
+# 2: scheme and config as versioned records. 1 stored the scheme's fields unversioned and no config.
+FORMAT_VERSION = 2
 # Range tensors that observers and fake-quantizers size on first use (per channel).
 _LAZY_RANGES = ("min_val", "max_val", "scale", "zero_point")
 _LISTED = 8  # keys named per kind of mismatch; the rest are counted
@@ -36,22 +40,6 @@ class CheckpointError(EdgequantError, RuntimeError):
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def scheme_fields(scheme: Scheme) -> dict[str, Any]:
-    """The scheme as plain data (a callable `high_precision` is recorded by name only)."""
-    fields = dataclasses.asdict(scheme)
-    hp = scheme.high_precision
-    if callable(hp):
-        fields["high_precision"] = f"<callable {getattr(hp, '__qualname__', type(hp).__name__)}>"
-    elif isinstance(hp, tuple):
-        fields["high_precision"] = list(hp)
-    return fields
-
-
-def _quantization_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """What decides the meaning of the stored ranges (not the name or description)."""
-    return {k: v for k, v in fields.items() if k not in ("name", "description")}
 
 
 def _range_owner(module: nn.Module, key: str) -> nn.Module | None:
@@ -140,7 +128,8 @@ def save_checkpoint(
         "edgequant_version": __version__,
         "wrapper": type(wrapper).__name__,
         "model_class": model_class,
-        "scheme": scheme_fields(scheme),
+        "scheme": scheme.to_dict(),
+        "config": wrapper.config.to_dict(),
         "state_dict": wrapper.state_dict(),
     }
     if optimizer is not None:
@@ -151,7 +140,7 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint at `path`, checked to be one of ours."""
+    """The checkpoint at `path`, checked to be one of ours, in the current format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -165,15 +154,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not an edgequant checkpoint (written by `save()`); "
             "for a plain state_dict use load_state_dict(torch.load(path))"
         )
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by edgequant {payload.get('edgequant_version')} in a newer format; upgrade edgequant"
         )
+    if version == 1:  # the scheme's fields were those of Scheme version 1
+        payload["scheme"] = record(1, payload["scheme"])
     return payload
 
 
 def check_metadata(payload: Mapping[str, Any], wrapper: nn.Module, scheme: Scheme, model_class: str) -> None:
-    """Refuse a checkpoint made for another wrapper, model class or scheme, saying which."""
+    """Refuse a checkpoint made for another wrapper, model class or scheme, saying which.
+
+    A checkpoint made with another config loads with a warning: the config steers what
+    happens next (recalibration, freezing), not what the stored state means.
+    """
     problems = []
     if payload["wrapper"] != type(wrapper).__name__:
         hint = " (start QAT from PTQ with QATModule.from_ptq)" if payload["wrapper"] == "PTQModule" else ""
@@ -183,12 +179,36 @@ def check_metadata(payload: Mapping[str, Any], wrapper: nn.Module, scheme: Schem
             f"it was saved for model class {payload['model_class']}, this wrapper holds {model_class} "
             "(a different architecture)"
         )
-    saved, ours = payload["scheme"], scheme_fields(scheme)
-    if _quantization_fields(saved) != _quantization_fields(ours):
-        differ = sorted(k for k, v in _quantization_fields(saved).items() if ours.get(k) != v)
-        detail = ", ".join(f"{k}={saved[k]!r} (here {ours.get(k)!r})" for k in differ)
+    try:
+        saved = record_fields(payload["scheme"], Scheme, Scheme.VERSION)
+    except UsageError as error:
+        raise CheckpointError(f"the checkpoint's scheme cannot be read: {error}") from None
+    ours = scheme.to_dict()
+    differ = [k for k in saved if k not in Scheme.LABELS and saved[k] != ours[k]]
+    if differ:
+        detail = ", ".join(f"{k}={saved[k]!r} (here {ours[k]!r})" for k in differ)
         problems.append(f"it was saved with scheme {saved['name']!r}, this wrapper uses {ours['name']!r}: {detail}")
     if problems:
         raise CheckpointError(
             "checkpoint does not fit: " + "; ".join(problems) + ". Build the wrapper the way the checkpoint was made."
+        )
+    if "config" in payload:  # format 1 did not record it
+        _warn_config_difference(payload["config"], wrapper.config)
+
+
+def _warn_config_difference(saved_record: Mapping[str, Any], config: Any) -> None:
+    kind = type(config)
+    try:
+        saved = kind.from_dict(saved_record)
+    except UsageError as error:
+        raise CheckpointError(f"the checkpoint's {kind.__name__} cannot be read: {error}") from None
+    differ = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
+    if differ:
+        detail = ", ".join(f"{k}={getattr(saved, k)!r} (here {getattr(config, k)!r})" for k in differ)
+        warnings.warn(
+            EdgequantWarning(
+                f"the checkpoint was made with another {kind.__name__}: {detail}; this wrapper's config applies "
+                "from here on (build the wrapper with the checkpoint's config to continue the same run)"
+            ),
+            stacklevel=4,
         )

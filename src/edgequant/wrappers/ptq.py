@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from tqdm.auto import tqdm
 
-from ..core.errors import NonFiniteError, NotCalibratedError
+from ..core.errors import NonFiniteError, NotCalibratedError, UsageError
+from ..core.records import record, record_fields
 from ..graph.adaround import adaround
 from ..graph.batchnorm import fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
 from ..graph.bias_correction import correct_biases
@@ -22,7 +23,7 @@ from ..graph.capture import capture
 from ..graph.clipping import clip_weights
 from ..graph.equalization import equalize
 from ..graph.exponents import choose_weight_exponents
-from ..graph.ops import CONV_OPS, WEIGHTED_OPS, producer_module
+from ..graph.ops import CONV_OPS, WEIGHTED_OPS, activation_quantizer_nodes, producer_module
 from ..graph.quantizer import EdgeQuantizer
 from ..numerics.observers import RangeObserver
 from ..numerics.scheme import Scheme
@@ -54,7 +55,11 @@ class PTQConfig:
       "ceil" always the covering one (see exponents.py).
     - ``adaround``: learn each 8-bit weight's rounding on the calibration data, layer
       by layer (adaround.py); seconds to minutes on a CPU, so off by default.
+
+    ``to_dict()`` / ``from_dict()`` turn it into versioned plain data and back.
     """
+
+    VERSION: ClassVar[int] = 1
 
     range_estimator: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     percentile: float = 99.99
@@ -73,15 +78,32 @@ class PTQConfig:
 
     def __post_init__(self) -> None:
         if self.range_estimator not in ESTIMATORS:
-            raise ValueError(f"range_estimator must be one of {', '.join(ESTIMATORS)}; got {self.range_estimator!r}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+            raise UsageError(f"range_estimator must be one of {', '.join(ESTIMATORS)}; got {self.range_estimator!r}")
+        if not _is_number(self.percentile) or not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"percentile must be a number in (50, 100], got {self.percentile!r}")
         if self.weight_exponent not in ("error", "ceil"):
-            raise ValueError(f"weight_exponent must be 'error' or 'ceil', got {self.weight_exponent!r}")
-        if self.weight_clipping is not None and self.weight_clipping <= 0:
-            raise ValueError(
-                f"weight_clipping must be a positive number of standard deviations, got {self.weight_clipping}"
-            )
+            raise UsageError(f"weight_exponent must be 'error' or 'ceil', got {self.weight_exponent!r}")
+        clip = self.weight_clipping
+        if clip is not None and (not _is_number(clip) or clip <= 0):
+            raise UsageError(f"weight_clipping must be a positive number of standard deviations or None, got {clip!r}")
+        if self.equalize not in (True, False, None):
+            raise UsageError(f"equalize must be True, False or None (on for per-tensor schemes), got {self.equalize!r}")
+        for name in ("bias_correction", "bn_reestimation", "adaround"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as versioned plain data, for JSON files and checkpoints."""
+        return record(self.VERSION, asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PTQConfig:
+        """The config `to_dict()` recorded; a newer version or an unknown field is refused, not guessed at."""
+        return cls(**record_fields(data, cls, cls.VERSION))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_finite_inputs(args: tuple[torch.Tensor, ...]) -> None:
@@ -108,8 +130,8 @@ def inputs_of(batch: object, count: int = 1) -> tuple[torch.Tensor, ...]:
         if all(isinstance(x, torch.Tensor) for x in inputs):
             return inputs
     if count == 1:
-        raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
-    raise TypeError(
+        raise UsageError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+    raise UsageError(
         f"the model takes {count} inputs, so each batch must be a tuple of {count} tensors in forward's "
         f"order (optionally followed by labels); got {type(batch).__name__}"
         + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
@@ -133,6 +155,8 @@ class PTQModule(QuantWrapper):
         config: PTQConfig | None = None,
         dynamic_spatial: bool = False,
     ) -> None:
+        if config is not None and not isinstance(config, PTQConfig):
+            raise UsageError(f"config must be an eq.PTQConfig, got {type(config).__name__}")
         super().__init__(example_inputs, scheme, dynamic_spatial)
         self.config = config or PTQConfig()
         self._float = capture(model, self.example_inputs, dynamic_spatial)
@@ -159,13 +183,8 @@ class PTQModule(QuantWrapper):
         return prepare_pt2e(graph, EdgeQuantizer(self.scheme, qat=False))
 
     def activation_observers(self) -> list[RangeObserver]:
-        found = []
-        for node in self.model.graph.nodes:
-            if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) != "get_attr":
-                module = self.model.get_submodule(node.target)
-                if isinstance(module, RangeObserver):
-                    found.append(module)
-        return found
+        """The observers of activations (not of the model's own weights), in graph order."""
+        return [obs for _, obs in activation_quantizer_nodes(self.model, RangeObserver)]
 
     def _bias_correction_inputs(self) -> list[tuple[RangeObserver, int]]:
         """Activation observers whose channel means bias correction can use, with the channel dim.
@@ -175,12 +194,7 @@ class PTQModule(QuantWrapper):
         transformers) reads them from the last dim.
         """
         found = []
-        for node in self.model.graph.nodes:
-            if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) == "get_attr":
-                continue
-            module = self.model.get_submodule(node.target)
-            if not isinstance(module, RangeObserver):
-                continue
+        for node, module in activation_quantizer_nodes(self.model, RangeObserver):
             readers = [u for u in node.users if u.target in WEIGHTED_OPS and u.args[0] is node]
             val = node.args[0].meta.get("val")
             rank = val.dim() if isinstance(val, torch.Tensor) else None
@@ -216,7 +230,7 @@ class PTQModule(QuantWrapper):
             batches.append(tuple(x.detach() for x in inputs))
         if not batches:
             detail = f" ({skipped} batches skipped as non-finite)" if skipped else ""
-            raise ValueError(f"calibration data yielded no usable batch{detail}; is the loader empty or exhausted?")
+            raise UsageError(f"calibration data yielded no usable batch{detail}; is the loader empty or exhausted?")
         return batches
 
     def _run(self, batches: list[tuple[torch.Tensor, ...]], desc: str, progress: bool) -> None:
@@ -230,7 +244,7 @@ class PTQModule(QuantWrapper):
         `data` yields tensors or (inputs, labels) batches (for a model of several inputs:
         tuples of those inputs, optionally followed by labels); a few hundred samples suffice.
         They are held in memory for the passes the recipe needs (BN re-estimation,
-        ranges, histograms). Batches with NaN or Inf raise ValueError, or are skipped
+        ranges, histograms). Batches with NaN or Inf raise NonFiniteError, or are skipped
         with `skip_nonfinite=True`.
         """
         cfg = self.config

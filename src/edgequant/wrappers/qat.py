@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-from ..core.errors import InitialRangesWarning, NonFiniteError
+from ..core.errors import InitialRangesWarning, NonFiniteError, UsageError
+from ..core.records import record, record_fields
 from ..export.onnx import ExportResult
 from ..graph.batchnorm import attach_bn_factors, set_graph_training, zero_dead_channels
 from ..graph.capture import capture
-from ..graph.ops import producer_module
-from ..graph.quantizer import EdgeQuantizer
+from ..graph.ops import activation_quantizer_nodes, producer_module
+from ..graph.quantizer import DEFAULT_AVERAGING_CONSTANT, EdgeQuantizer
 from ..numerics.observers import FakeQuantize
 from ..numerics.scheme import Scheme
 from .base import QuantWrapper
@@ -27,16 +30,65 @@ from .ptq import PTQConfig, PTQModule, check_finite_inputs
 from .schedule import FreezeSchedule
 
 
+@dataclass(frozen=True)
+class QATConfig:
+    """How QAT moves ranges and BN statistics; each field can be set on its own.
+
+    - ``schedule``: when BN statistics and then ranges freeze, as `FreezeSchedule(total_epochs)`
+      derives it from the run's length; the default (no length) freezes nothing.
+    - ``averaging_constant``: the weight of each batch's min/max in the moving average of an
+      activation range (a plain mean over the first 1/c batches, then the moving average).
+      Larger follows a drifting range faster and is noisier. In (0, 1): 1 would keep only
+      the last batch, the rule for weights, not activations.
+    - ``sync``: under DistributedDataParallel, reduce activation ranges and BN batch statistics
+      over all ranks, so every rank holds what one process on the concatenated batch would;
+      False keeps them per rank.
+
+    ``to_dict()`` / ``from_dict()`` turn it into versioned plain data and back.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    schedule: FreezeSchedule = field(default_factory=FreezeSchedule)
+    averaging_constant: float = DEFAULT_AVERAGING_CONSTANT
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, FreezeSchedule):
+            raise UsageError(
+                f"schedule must be an eq.FreezeSchedule, e.g. FreezeSchedule(total_epochs=10); got {self.schedule!r}"
+            )
+        c = self.averaging_constant
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < 1:
+            raise UsageError(f"averaging_constant must be a number in (0, 1), e.g. 0.01; got {c!r}")
+        if not isinstance(self.sync, bool):
+            raise UsageError(f"sync must be True or False, got {self.sync!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as versioned plain data (the schedule nested as its own record)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["schedule"] = self.schedule.to_dict()
+        return record(self.VERSION, fields)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
+        """The config `to_dict()` recorded; a newer version or an unknown field is refused, not guessed at."""
+        fields = record_fields(data, cls, cls.VERSION)
+        if "schedule" in fields:
+            fields["schedule"] = FreezeSchedule.from_dict(fields["schedule"])
+        return cls(**fields)
+
+
 class QATModule(QuantWrapper):
     """Quantization-aware training wrapper around a float model.
 
     Conv+BN(+ReLU) run in their folded form with fake-quantized weights and
     activations; gradients pass straight through the rounding. Each call to
-    ``train()`` after some training steps starts a new epoch, and
-    `FreezeSchedule(total_epochs)` decides when BN statistics and then ranges
-    freeze. ``eval()`` runs the integer model itself (`integer_model()`, the one
-    `export()` writes), so the accuracy measured in eval is the deployed one, bit
-    for bit; it is rebuilt whenever the weights or ranges have changed.
+    ``train()`` after some training steps starts a new epoch, and the `FreezeSchedule`
+    of the `QATConfig` decides when BN statistics and then ranges freeze. ``eval()``
+    runs the integer model itself (`integer_model()`, the one `export()` writes), so
+    the accuracy measured in eval is the deployed one, bit for bit; it is rebuilt
+    whenever the weights or ranges have changed.
 
     With ``calibration_data`` (a few hundred unlabelled samples, as for PTQ) QAT
     starts from the PTQ recipe: BN folded, dead channels zeroed, cross-layer
@@ -48,8 +100,8 @@ class QATModule(QuantWrapper):
     Under DistributedDataParallel (any time torch.distributed is initialized with
     more than one rank during a training step) activation ranges and BN batch
     statistics are reduced over all ranks, so every rank holds the same state as
-    one process on the concatenated batch would. ``sync=False`` keeps them per rank.
-    Construction itself never communicates.
+    one process on the concatenated batch would. ``QATConfig(sync=False)`` keeps them
+    per rank. Construction itself never communicates.
     """
 
     def __init__(
@@ -57,22 +109,26 @@ class QATModule(QuantWrapper):
         model: nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
         scheme: str | Scheme = "int8_pow2",
-        total_epochs: int | None = None,
-        sync: bool = True,
+        config: QATConfig | None = None,
         calibration_data: Iterable | None = None,
         ptq_config: PTQConfig | None = None,
         dynamic_spatial: bool = False,
     ) -> None:
+        if config is not None and not isinstance(config, QATConfig):
+            raise UsageError(
+                "config must be an eq.QATConfig, e.g. eq.QATConfig(eq.FreezeSchedule(total_epochs=10)); "
+                f"got {type(config).__name__}"
+            )
         super().__init__(example_inputs, scheme, dynamic_spatial)
+        self.config = config or QATConfig()
         training, ptq = model.training, None
         if calibration_data is not None:
             ptq = PTQModule(model, self.example_inputs, self.scheme, ptq_config, dynamic_spatial)
             model = ptq.calibrate(calibration_data).float_model()
-        self.schedule = FreezeSchedule(total_epochs)
-        self._sync = sync
         graph = capture(model, self.example_inputs, dynamic_spatial)
         self.dead_channels = zero_dead_channels(graph) if ptq is None else ptq.dead_channels
-        self.model: GraphModule = prepare_qat_pt2e(graph, EdgeQuantizer(self.scheme, qat=True))
+        quantizer = EdgeQuantizer(self.scheme, qat=True, averaging_constant=self.config.averaging_constant)
+        self.model: GraphModule = prepare_qat_pt2e(graph, quantizer)
         attach_bn_factors(self.model)
         # [epoch, trained-since-last-train()-call]; a buffer so checkpoints resume the schedule.
         self.register_buffer("qat_state", torch.tensor([0, 0], dtype=torch.int64))
@@ -82,20 +138,18 @@ class QATModule(QuantWrapper):
             self.remember_samples(ptq.parity_inputs())
         # Weight quantizers need no reduction: DDP keeps weights (and synced BN statistics) equal.
         for fq in self.activation_quantizers():
-            fq.activation_post_process.sync_across_ranks = sync
+            fq.activation_post_process.sync_across_ranks = self.config.sync
         self.train(training)
 
     @classmethod
-    def from_ptq(cls, ptq: PTQModule, total_epochs: int | None = None, sync: bool = True) -> QATModule:
+    def from_ptq(cls, ptq: PTQModule, config: QATConfig | None = None) -> QATModule:
         """Start QAT from a calibrated PTQModule: its folded, equalized weights and its ranges.
 
         BN is already folded there, so only the range-freezing part of the schedule applies.
         ``QATModule(model, ..., calibration_data=data)`` does the same in one step.
         """
         ptq._require_ranges()
-        qmodel = cls(
-            ptq.float_model(), ptq.example_inputs, ptq.scheme, total_epochs, sync, dynamic_spatial=ptq.dynamic_spatial
-        )
+        qmodel = cls(ptq.float_model(), ptq.example_inputs, ptq.scheme, config, dynamic_spatial=ptq.dynamic_spatial)
         qmodel._take_ranges(ptq)
         qmodel.remember_samples(ptq.parity_inputs())
         qmodel.dead_channels = ptq.dead_channels
@@ -133,33 +187,18 @@ class QATModule(QuantWrapper):
 
     @property
     def bn_frozen(self) -> bool:
-        return self.schedule.bn_frozen(self.epoch)
+        return self.config.schedule.bn_frozen(self.epoch)
 
     @property
     def ranges_frozen(self) -> bool:
-        return self.schedule.ranges_frozen(self.epoch)
-
-    @property
-    def sync(self) -> bool:
-        """Whether ranges and BN statistics are reduced across torch.distributed ranks."""
-        return self._sync
+        return self.config.schedule.ranges_frozen(self.epoch)
 
     def fake_quantizers(self) -> list[FakeQuantize]:
         return [m for m in self.model.modules() if isinstance(m, FakeQuantize)]
 
     def activation_quantizers(self) -> list[FakeQuantize]:
         """The quantizers of activations (inputs that are not the model's own weights), in graph order."""
-        return [fq for _, fq in self._activation_quantizer_nodes()]
-
-    def _activation_quantizer_nodes(self) -> list[tuple[Node, FakeQuantize]]:
-        found = []
-        for node in self.model.graph.nodes:
-            source = node.args[0] if node.op == "call_module" and node.args else None
-            if isinstance(source, Node) and source.op != "get_attr":
-                module = self.model.get_submodule(node.target)
-                if isinstance(module, FakeQuantize):
-                    found.append((node, module))
-        return found
+        return [fq for _, fq in activation_quantizer_nodes(self.model, FakeQuantize)]
 
     @torch.no_grad()
     def _init_ranges(self) -> None:
@@ -183,7 +222,7 @@ class QATModule(QuantWrapper):
                     fq.freeze()
         for fq in self.fake_quantizers():
             fq.set_observing(mode)
-        set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen, sync_bn=self._sync)
+        set_graph_training(self.model, dropout=mode, batchnorm=mode and not self.bn_frozen, sync_bn=self.config.sync)
         return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -236,7 +275,7 @@ class QATModule(QuantWrapper):
                     "Lower the learning rate (or clip gradients) and resume from the last checkpoint",
                     layer=name,
                 )
-        for node, fq in self._activation_quantizer_nodes():
+        for node, fq in activation_quantizer_nodes(self.model, FakeQuantize):
             obs = fq.activation_post_process
             ranges = torch.cat([obs.min_val.reshape(-1), obs.max_val.reshape(-1), fq.scale.reshape(-1)])
             if not bool(torch.isfinite(ranges).all() and (fq.scale > 0).all()):

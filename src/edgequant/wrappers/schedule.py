@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from ..core.errors import UsageError
+from ..core.records import record, record_fields
 
 
 @dataclass(frozen=True)
@@ -15,14 +20,27 @@ class FreezeSchedule:
       quarter of training fine-tunes the weights to fixed scales.
     - With ``total_epochs`` of 1 or None nothing freezes.
 
-    E=3 freezes BN at epoch 1 and ranges at epoch 2; E=10 at 5 and 7.
+    E=3 freezes BN at epoch 1 and ranges at epoch 2; E=10 at 5 and 7. A QATModule
+    takes it in `QATConfig(schedule=...)`.
     """
+
+    VERSION: ClassVar[int] = 1
 
     total_epochs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.total_epochs is not None and self.total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {self.total_epochs}")
+        e = self.total_epochs
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise UsageError(f"total_epochs must be a whole number >= 1, or None to freeze nothing; got {e!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule as versioned plain data (QATConfig.to_dict nests it)."""
+        return record(self.VERSION, asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FreezeSchedule:
+        """The schedule `to_dict()` recorded; a newer version or an unknown field is refused."""
+        return cls(**record_fields(data, cls, cls.VERSION))
 
     @property
     def bn_freeze_epoch(self) -> int | None:

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from edgequant.numerics import histogram
+from edgequant.numerics.histogram import AbsHistogram
+
+
+def test_histogram_percentile_by_hand():
+    hist = torch.zeros(100)
+    hist[:99] = 1.0  # 99 values spread over [0, 0.99)
+    hist[99] = 1.0  # one outlier in the last bin
+    assert histogram.histogram_percentile(hist, 10.0, 99.0).item() == pytest.approx(9.9)
+    assert histogram.histogram_percentile(hist, 10.0, 100.0).item() == pytest.approx(10.0)
+
+
+def test_mse_range_clips_a_lone_outlier_but_not_a_dense_tail():
+    bins = 1000
+    dense = torch.zeros(bins)
+    dense[:100] = 1e6  # a hundred million values within the first 10% of the range ...
+    dense[-1] = 1.0  # ... except one outlier at the top
+    clipped = histogram.mse_optimal_max_abs(dense, 10.0, 127, power_of_2=True)
+    assert clipped.item() < 10.0 / 4  # a power-of-2 step chosen below the outlier
+    uniform = torch.ones(bins)
+    assert histogram.mse_optimal_max_abs(uniform, 10.0, 127, power_of_2=False).item() == pytest.approx(10.0, rel=0.05)
+
+
+def test_mse_range_for_pow2_scales_by_hand():
+    # One bin over [0, 1.5], centre 0.75; qmax 1: the covering step is 2, candidates 2, 1, 0.5, ...
+    # Step 2 rounds 0.75 to 0 (error 0.5625), step 1 to 1 (0.0625), step 0.5 clips to 0.5 (0.0625),
+    # step 0.25 clips to 0.25 (0.25): the first of the least errors wins, step 1, range 1 * qmax.
+    hist = torch.tensor([3.0])
+    assert histogram.mse_optimal_max_abs(hist, 1.5, 1, power_of_2=True).item() == 1.0
+
+
+def test_abs_histogram_counts_magnitudes_over_its_limit():
+    h = AbsHistogram("percentile", limit=4.0, percentile=50.0, bins=4)
+    h.add(torch.tensor([-0.5, 1.5, -3.9, 4.0]))
+    h.add(torch.tensor([[0.25], [-2.5]]))
+    assert h.counts.tolist() == [2.0, 1.0, 1.0, 2.0]  # bins [0,1) [1,2) [2,3) [3,4]
+
+
+def test_abs_histogram_estimates_by_hand():
+    h = AbsHistogram("percentile", limit=4.0, percentile=50.0, bins=4)
+    h.add(torch.tensor([0.5, 0.5, 0.5, 3.5]))
+    # 75% of the values lie in the first bin: the 50th percentile is its upper edge, 1.0
+    assert h.max_abs(qmax=127, power_of_2=True).item() == 1.0
+    h.percentile = 100.0
+    assert h.max_abs(qmax=127, power_of_2=True).item() == 4.0
+    mse = AbsHistogram("mse", limit=1.5, bins=1)
+    mse.add(torch.full((3,), 0.75))
+    assert mse.max_abs(qmax=1, power_of_2=True).item() == 1.0  # as in the by-hand mse case above
+
+
+def test_abs_histogram_without_counts_gives_no_estimate():
+    assert AbsHistogram("mse", limit=1.0).max_abs(127, True) is None
+    empty_range = AbsHistogram("percentile", limit=0.0)  # all zeros seen: nothing to bin over
+    empty_range.add(torch.zeros(5))
+    assert empty_range.max_abs(127, True) is None
+
+
+def test_abs_histogram_refuses_an_unknown_estimator():
+    with pytest.raises(ValueError, match="estimator must be one of percentile, mse"):
+        AbsHistogram("minmax", limit=1.0)
