@@ -73,8 +73,17 @@ model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.
 x = torch.randn(8, 3, 6, 6)
 qmodel = eq.PTQModule(model, (x,)).calibrate([x], progress=False)
 if kind == "report":
-    from tests.test_report import _report
+    from tests.diagnose.test_report import _report
     write = lambda: _report().save(target)
+elif kind == "tidl":
+    from edgequant.export.tidl import write_deploy_files
+    onnx_path = target.with_name("q.onnx")
+    qmodel.export(onnx_path)
+    write = lambda: write_deploy_files(onnx_path, qmodel.scheme)
+elif kind == "cache":
+    os.environ["EDGEQUANT_CACHE"] = str(target.parent)
+    from edgequant.demo.training import float_digits_model
+    write = lambda: float_digits_model("mobilenet_v3_small", epochs=1, progress=False)
 elif kind == "save":
     write = lambda: qmodel.save(target)
 else:
@@ -82,6 +91,10 @@ else:
 write()
 listing = sorted(os.listdir(target.parent))
 print("DONE", hashlib.sha256(target.read_bytes()).hexdigest(), ",".join(listing), flush=True)
+
+
+if kind == "cache":  # the cache is written once, when missing: the killed write is a first one
+    target.unlink()
 
 
 def hang(path):
@@ -92,7 +105,7 @@ def hang(path):
     time.sleep(120)
 
 
-if kind == "save":
+if kind in ("save", "cache"):
     torch.save = lambda obj, f, *a, **k: hang(f)
 elif kind == "export":
     torch.onnx.ONNXProgram.save = lambda self, destination, *a, **k: hang(destination)
@@ -103,7 +116,16 @@ write()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "name"), [("save", "q.pt"), ("export", "q.onnx"), ("report", "report.html")])
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("save", "q.pt"),
+        ("export", "q.onnx"),
+        ("report", "report.html"),
+        ("tidl", "q.options.json"),
+        ("cache", "mobilenet_v3_small_digits_e1_r2.pt"),
+    ],
+)
 def test_kill_9_during_a_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, kind, name):
     import hashlib
     import signal
@@ -127,5 +149,9 @@ def test_kill_9_during_a_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     finally:
         child.kill()
     assert child.returncode == -signal.SIGKILL
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest  # the previous file, intact
+    if kind == "cache":  # no previous file: none may appear, half-written or whole
+        assert not target.exists()
+        listing.remove(name)
+    else:
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == digest  # the previous file, intact
     assert sorted(os.listdir(out)) == listing  # and nothing else: no temporary left behind

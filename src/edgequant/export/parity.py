@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_leaves
 
 from ..core.errors import EdgequantError, ParityDriftWarning
-from ..graph.ops import DQ_OPS, EXACT_OPS, Q_OPS
+from ..graph.ops import DQ_OPS, EXACT_OPS, Q_OPS, module_name
 from ..numerics.scales import is_power_of_2
 from .runtime import run_onnx, session
 
@@ -253,9 +253,7 @@ def _module_path(node: Node) -> str:
         if producer in seen or producer.target in Q_OPS:
             continue
         seen.add(producer)
-        stack = producer.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
-        if path:
+        if path := module_name(producer):
             return path
         frontier.extend(a for a in producer.args if isinstance(a, Node))
     return node.name
