@@ -105,8 +105,11 @@ def run_model(spec: str, epochs: int, lr: float, workdir: Path) -> list[dict]:
     rows = []
     for start, calibrated in (("plain", False), ("calibration_data", True)):
         row = {"model": spec, "start": start, "float_top1": float_top1}
-        row.update(qat_run(model, calibrated, epochs, lr, workdir, f"{name}_{recipe}_{start}"))
-        row["drop_points"] = float_top1 - row["onnxruntime_top1"]
+        try:
+            row.update(qat_run(model, calibrated, epochs, lr, workdir, f"{name}_{recipe}_{start}"))
+            row["drop_points"] = float_top1 - row["onnxruntime_top1"]
+        except eq.NonFiniteError as error:  # training diverged: a result to report, not a crash
+            row["error"] = str(error).splitlines()[0]
         row.update(torchao_ort_vs_torch_top1_agreement=peer_agree, torchao_ort_vs_torch_max_diff=peer_diff)
         rows.append(row)
         print(row, flush=True)
@@ -151,7 +154,7 @@ def main() -> None:
     ]
     print()
     print(f"int8_pow2 QAT, {args.epochs} epochs, SGD lr {args.lr}; top-1 % on the 360 digits test images")
-    print(table(headers, [[r[k] for k in keys] for r in rows]))
+    print(table([*headers, "error"], [[r.get(k, "-") for k in keys] + [r.get("error", "")[:60]] for r in rows]))
     print(f"\nresults: {save('qat_accuracy', ' '.join(['python', *sys.argv]), rows)}")
 
 

@@ -155,7 +155,6 @@ def test_qat_from_ptq_starts_where_ptq_ended(digits_model, digits_test, tmp_path
     with torch.no_grad():
         # same folded weights and ranges: the converted models compute the same integers
         assert torch.equal(qmodel.convert()(x[:32]), ptq(x[:32]))
-    assert all(isinstance(p, torch.nn.Parameter) for p in qmodel.parameters()) and len(list(qmodel.parameters()))
     assert qmodel.export(tmp_path / "m.onnx").parity.max_abs_diff == 0.0
 
 
