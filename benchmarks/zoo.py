@@ -42,6 +42,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ EDGEQUANT = str(ROOT / "src" / "edgequant")
 # Calibration: two batches of 8 images; parity: 16 other images (4 for inputs over 64x64, to bound memory).
 CALIBRATION_BATCHES, BATCH, EXAMPLES, LARGE_INPUT_EXAMPLES = 2, 8, 16, 4
 DEFAULT_SCHEME = "int8_pow2"
+TIDL_DEVICES = ("TDA4VM", "AM68A")  # the column of docs/coverage.md: power-of-2 and per-channel generations
 LIBRARIES = ("torchvision", "timm")
 RESULT_FILES = {"torchvision": "zoo", "timm": "zoo_timm"}
 # Edge-relevant timm classifiers (mobile CNNs, NAS nets, re-parameterisable and small hybrid
@@ -217,6 +219,14 @@ def run_one(name: str, library: str, scheme: str, size: int | None, status: Path
             qmodel.calibrate(batches, progress=False)
             mark("export")  # convert + ONNX export + parity; a failure inside convert.py is reported as "convert"
             result = qmodel.export(Path(tmp) / f"{name}.onnx")
+            # TIDL's import rules on the static TIDL model, for the two device generations.
+            for device in TIDL_DEVICES:
+                report = result.tidl_check if device == result.device.name else eq.tidl_check(result.tidl_path, device)
+                row.setdefault("tidl", {})[device] = {
+                    "nodes": report.nodes,
+                    "fallback": len(report.fallback),
+                    "ops": dict(Counter(f.op_type for f in report.findings if f.node in set(report.fallback))),
+                }
         row["parity"] = str(result.parity)
         row["sqnr_db"] = round(result.parity.sqnr_db, 2) if math.isfinite(result.parity.sqnr_db) else "exact"
         if result.parity.rounding is not None:
@@ -324,6 +334,19 @@ def result_text(row: dict) -> str:
     return "pass" if row.get("rule") == "sqnr" else "pass (old rule)"
 
 
+def tidl_text(row: dict) -> str:
+    """ARM-core fallback nodes per device: "2 (ReduceMean, Einsum) / 2 (...)", or "-" when not measured."""
+    found = row.get("tidl")
+    if not found:
+        return "-"
+    cells = []
+    for device in TIDL_DEVICES:
+        entry = found[device]
+        ops = ", ".join(sorted(entry["ops"]))
+        cells.append(f"{entry['fallback']}" + (f" ({ops})" if ops else ""))
+    return " / ".join(cells)
+
+
 def sqnr_text(row: dict) -> str:
     value = row.get("sqnr_db")
     if value is None:
@@ -370,6 +393,7 @@ def _rows_table(rows: list[dict]) -> str:
             "seconds",
             "peak GB",
             "ops left in float",
+            "TIDL ARM fallback (TDA4VM / AM68A)",
         ],
         [
             [
@@ -385,6 +409,7 @@ def _rows_table(rows: list[dict]) -> str:
                 r.get("seconds", "-"),
                 r.get("peak_rss_gb", "-"),
                 ", ".join(r.get("float_ops", {})),
+                tidl_text(r),
             ]
             for r in rows
         ],
@@ -496,6 +521,11 @@ def write_coverage() -> None:
         "  heads) are captured in their eval form, so eval and export are deterministic;",
         "- dict or nested outputs (segmentation models) become ONNX outputs in order;",
         "- a BN with no conv before it (pre-activation blocks) is requantized at its output.",
+        "",
+        "The last column runs TIDL's import rules (`eq.tidl_check`, rules from TI's",
+        "docs/supported_ops_rts_versions.md) on each exported static TIDL model: how many nodes",
+        "TIDL would run on the ARM core instead of the accelerator, on TDA4VM / AM68A, with their op",
+        "types; `-` where the row predates the checker or did not export.",
         "",
         f"torch {torch.__version__}, torchvision {torchvision.__version__}"
         + (f", timm {_timm_version()}" if _timm_version() else "")

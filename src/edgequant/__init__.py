@@ -17,6 +17,7 @@ from .core.errors import (  # noqa: E402
     NonFiniteError,
     NotCalibratedError,
     ParityDriftWarning,
+    TidlFallbackWarning,
     UnquantizedOpsWarning,
 )
 from .core.version import __version__  # noqa: E402,F401
@@ -25,6 +26,7 @@ from .diagnose.guidelines import Finding, check  # noqa: E402
 from .diagnose.report import AnalysisReport  # noqa: E402
 from .export.onnx import ExportResult  # noqa: E402
 from .export.parity import ParityError, ParityReport  # noqa: E402
+from .export.tidl_check import TidlCheckReport, tidl_check  # noqa: E402
 from .graph.capture import CaptureError  # noqa: E402
 from .numerics import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
 from .numerics.scheme import PRESETS, Scheme, get_scheme  # noqa: E402
@@ -56,9 +58,12 @@ __all__ = [
     "QATConfig",
     "QATModule",
     "Scheme",
+    "TidlCheckReport",
+    "TidlFallbackWarning",
     "UnquantizedOpsWarning",
     "analyze",
     "check",
     "distributed",
     "get_scheme",
+    "tidl_check",
 ]

@@ -264,6 +264,51 @@ def test_ptq_on_an_image_folder(tmp_path, capsys):
     assert sess.get_inputs()[0].shape[1:] == [3, 32, 32]
 
 
+def test_ptq_for_a_device_then_tidl_check_of_its_file(untrained_weights, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = ["ptq", SPEC, "--weights", str(untrained_weights), "--data", "digits", "--limit", "64"]
+    assert main([*args, "--calib-samples", "32", "--device", "am68a", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["scheme"], result["device"]) == ("int8", "AM68A")  # the device's default scheme
+    assert result["tidl_onnx"] == str(tmp_path / "m.tidl.onnx") and result["quant_params"] is None
+    # small_cnn's AdaptiveAvgPool2d(4) exports as AveragePool 2x2 on 4x4: everything runs on the accelerator
+    assert result["tidl_check"]["fallback"] == [] and result["tidl_check"]["nodes"] > 0
+    assert main(["tidl-check", result["tidl_onnx"], "--device", "AM62A"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("TIDL import check for AM62A: all ") and "rules checked: supported-op" in text
+    assert main(["tidl-check", str(out), "--device", "AM62A", "--json"]) == 0  # the dynamic-batch file
+    report = json.loads(capsys.readouterr().out)
+    assert {f["rule"] for f in report["findings"]} == {"dynamic-dims"}
+
+
+def test_check_with_a_device_adds_the_tidl_import_check(capsys):
+    spec = "tests.cli.test_main:conv_without_bn"
+    assert main(["check", spec, "--input-size", "32", "--device", "TDA4VM", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["tidl_check"]
+    assert report["device"] == "TDA4VM" and "supported-op" in report["rules"]
+    # AdaptiveAvgPool2d(1) exports as ReduceMean, which TIDL runs on the ARM core
+    assert [f["op_type"] for f in report["findings"]] == ["ReduceMean"]
+
+
+def test_tidl_check_refuses_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    error = fails(["tidl-check", str(tmp_path / "notes.txt"), "--device", "AM68A"], capsys)
+    assert "is not an ONNX model" in error
+    error = fails(["tidl-check", str(tmp_path / "missing.onnx"), "--device", "AM68A"], capsys)
+    assert "does not exist" in error
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tidl-check", str(tmp_path / "m.onnx"), "--device", "AM99"])
+    assert exit_info.value.code == 2
+
+
+def test_ptq_refuses_a_scheme_the_device_cannot_run(untrained_weights, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = ["ptq", SPEC, "--weights", str(untrained_weights), "--data", "digits", "--limit", "64"]
+    error = fails([*args, "--scheme", "int8", "--device", "TDA4VM", "-o", str(out)], capsys)
+    assert "TDA4VM runs power-of-2, symmetric scales only" in error and "use 'int8_pow2'" in error
+    assert not list(tmp_path.iterdir())
+
+
 # ---- in-process: help, entry point, error paths
 
 
@@ -272,7 +317,7 @@ def test_console_script_points_at_main():
     assert script.value == "edgequant.cli.main:main"
 
 
-@pytest.mark.parametrize("command", ["demo", "check", "analyze", "ptq", "qat"])
+@pytest.mark.parametrize("command", ["demo", "check", "tidl-check", "analyze", "ptq", "qat"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -79,7 +79,8 @@ elif kind == "tidl":
     from edgequant.export.tidl import write_deploy_files
     onnx_path = target.with_name("q.onnx")
     qmodel.export(onnx_path)
-    write = lambda: write_deploy_files(onnx_path, qmodel.scheme)
+    from edgequant.export.devices import get_device
+    write = lambda: write_deploy_files(onnx_path, qmodel.scheme, get_device("TDA4VM"))
 elif kind == "cache":
     os.environ["EDGEQUANT_CACHE"] = str(target.parent)
     from edgequant.demo.training import float_digits_model
@@ -122,7 +123,7 @@ write()
         ("save", "q.pt"),
         ("export", "q.onnx"),
         ("report", "report.html"),
-        ("tidl", "q.options.json"),
+        ("tidl", "q.tidl.onnx"),
         ("cache", "mobilenet_v3_small_digits_e1_r2.pt"),
     ],
 )

@@ -83,7 +83,7 @@ def test_export_replaces_file_atomically(qmodel, tmp_path):
     path.write_bytes(b"previous")
     qmodel.export(path)
     assert path.read_bytes() != b"previous"
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.options.json"]  # no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.options.json", "m.tidl.onnx"]  # no temporary left
 
 
 def test_choose_opset_for_int8(qmodel):

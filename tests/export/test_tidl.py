@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -5,25 +7,30 @@ import torch
 from onnx import numpy_helper
 
 import edgequant as eq
+from edgequant.export.devices import get_device
 from edgequant.export.runtime import run_onnx, session
-from edgequant.export.tidl import Layer, layers, options, strip_int16
+from edgequant.export.tidl import Layer, layers, options, strip_qdq
+from edgequant.export.tidl_params import parse
 
 
-def test_options_for_each_kind_of_scheme():
+def test_options_for_each_device_and_kind_of_scheme():
     eight = [Layer("conv", "relu", 8, 8), Layer("fc", "fc", 8, 8)]
     mixed = [Layer("conv", "relu", 16, 16), Layer("fc", "fc", 8, 8)]
-    pow2 = options(eq.get_scheme("int8_pow2"), eight)
+    tda4vm, am68a = get_device("TDA4VM"), get_device("am68a")
+    pow2 = options(tda4vm, eq.get_scheme("int8_pow2"), eight, None)
     assert pow2 == {
-        "advanced_options:prequantized_model": 1,
-        "advanced_options:quantization_scale_type": 1,
         "tensor_bits": 8,
         "accuracy_level": 0,
+        "advanced_options:prequantized_model": 1,
+        "advanced_options:quantization_scale_type": 1,
     }
-    assert options(eq.get_scheme("int8"), eight)["advanced_options:quantization_scale_type"] == 4
-    mixed_opts = options(eq.get_scheme("int8_pow2").with_high_precision(["conv"]), mixed)
+    assert options(am68a, eq.get_scheme("int8"), eight, None)["advanced_options:quantization_scale_type"] == 4
+    mixed_opts = options(tda4vm, eq.get_scheme("int8_pow2").with_high_precision(["conv"]), mixed, "m.prototxt")
     assert mixed_opts["advanced_options:output_feature_16bit_names_list"] == "relu"
     assert mixed_opts["advanced_options:params_16bit_names_list"] == "conv"
-    sixteen = options(eq.get_scheme("int16"), [Layer("conv", "relu", 16, 16)])
+    assert mixed_opts["advanced_options:prequantized_model"] == 0  # float model, our ranges in the prototxt
+    assert mixed_opts["advanced_options:quant_params_proto_path"] == "m.prototxt"
+    sixteen = options(am68a, eq.get_scheme("int16"), [Layer("conv", "relu", 16, 16)], "m.prototxt")
     assert sixteen["tensor_bits"] == 16 and sixteen["advanced_options:prequantized_model"] == 0
     assert "advanced_options:params_16bit_names_list" not in sixteen
 
@@ -34,26 +41,137 @@ class Net(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.fc = torch.nn.Linear(8, 4)
 
+    def forward(self, image):
+        return self.fc(torch.relu(self.conv(image)).mean((2, 3)))
+
+
+class TwoHeads(torch.nn.Module):
+    """A segmentation-style model: a dict of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 4, 1)
+        self.aux = torch.nn.Conv2d(8, 4, 1)
+
     def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        features = torch.relu(self.body(x))
+        return {"out": self.out(features), "aux": self.aux(features)}
 
 
-def test_strip_int16_leaves_a_float_graph_that_matches(tmp_path):
+def test_refused_export_writes_nothing(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.PTQModule(Net().eval(), (x,), "int8").calibrate([x], progress=False)
+    with pytest.raises(ValueError, match="use 'int8_pow2'"):
+        qmodel.export(tmp_path / "m.onnx", device="TDA4VM")
+    with pytest.raises(ValueError, match="unknown device"):
+        qmodel.export(tmp_path / "m.onnx", device="AM99")
+    with pytest.raises(ValueError, match="static batch size"):
+        qmodel.export(tmp_path / "m.onnx", batch=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _static(value: onnx.ValueInfoProto) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return bool(dims) and all(d.HasField("dim_value") for d in dims)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tidl_model_is_static_named_and_equal_to_the_export(batch, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    qmodel = eq.PTQModule(Net().eval(), (x,), device="TDA4VM").calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "m.onnx", batch=batch)
+    exported, tidl = onnx.load(str(result.path)), onnx.load(str(result.tidl_path))
+    assert [i.name for i in tidl.graph.input] == ["image"]  # forward's argument
+    assert [o.name for o in tidl.graph.output] == ["logits"]
+    assert [o.name for o in exported.graph.output] == ["logits"]
+    assert not _static(exported.graph.input[0])  # the onnxruntime file keeps its dynamic batch
+    assert tidl.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    produced = [o for n in tidl.graph.node for o in n.output]
+    infos = {v.name: v for v in (*tidl.graph.value_info, *tidl.graph.output)}
+    assert all(name in infos and _static(infos[name]) for name in produced)
+    ours = run_onnx(session(str(result.tidl_path)), (x[:batch],))[0]
+    theirs = run_onnx(session(str(result.path)), (x[:batch],))[0]
+    assert ours.shape == (batch, 4) and (ours == theirs).all()
+
+
+def test_export_warns_about_nodes_tidl_runs_on_the_arm_core(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.PTQModule(Net().eval(), (x,)).calibrate([x], progress=False)
+    with pytest.warns(eq.TidlFallbackWarning, match=r"TDA4VM: 3 of 4 nodes on the accelerator; 1 fall back to the ARM"):
+        result = qmodel.export(tmp_path / "m.onnx")
+    assert [f.op_type for f in result.tidl_check.findings] == ["ReduceMean"]  # x.mean((2, 3))
+    assert result.tidl_check.summary in str(result)
+
+
+def test_dict_outputs_keep_their_keys(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.PTQModule(TwoHeads().eval(), (x,)).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "seg.onnx")
+    for path in (result.path, result.tidl_path):
+        assert [o.name for o in onnx.load(str(path)).graph.output] == ["out", "aux"]
+
+
+def _implied_range(model: onnx.ModelProto, tensor: str) -> tuple[float, float]:
+    """The range the QuantizeLinear reading `tensor` implies, computed from the file alone."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    scale, zp = float(values[q.input[1]]), int(values[q.input[2]])
+    qmax = np.iinfo(values[q.input[2]].dtype).max
+    qmin = -qmax if zp == 0 else np.iinfo(values[q.input[2]].dtype).min
+    return (qmin - zp) * scale, (qmax - zp) * scale
+
+
+@pytest.mark.parametrize(("scheme", "device"), [("int16", "AM68A"), ("int16_pow2", "TDA4VM"), ("mixed", "AM68A")])
+def test_quant_params_prototxt_holds_every_layer_range(scheme, device, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    if scheme == "mixed":
+        scheme = eq.get_scheme("int8").with_high_precision(["conv"])
+    qmodel = eq.PTQModule(Net().eval(), (x,), scheme).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "m.onnx", device=device)
+    opts = json.loads(result.options_path.read_text())
+    assert opts["advanced_options:quant_params_proto_path"] == result.quant_params_path.name
+    assert opts["advanced_options:prequantized_model"] == 0
+    net = parse(result.quant_params_path.read_text())
+    exported = onnx.load(str(result.path))
+    by_name = {layer.layer_name: layer for layer in net.layers}
+    assert net.num_layers == len(net.layers)
+    # The input, the conv (+ReLU), the mean (ReduceMean: not a TIDL layer) and the Gemm.
+    expected = {"image": "TIDL_DataLayer", "relu": "TIDL_ConvolutionLayer", "logits": "TIDL_InnerProductLayer"}
+    gemm_out = next(n for n in exported.graph.node if n.op_type == "Gemm").output[0]
+    expected[gemm_out] = expected.pop("logits")
+    assert {name: by_name[name].layer_type for name in expected} == expected
+    for name in expected:
+        low, high = _implied_range(exported, name)
+        assert by_name[name].outputs[0].min == pytest.approx(low, rel=1e-6)
+        assert by_name[name].outputs[0].max == pytest.approx(high, rel=1e-6)
+    conv = by_name["relu"]  # 16 bit in every case here (the mixed scheme's 16-bit layer is "conv")
+    assert conv.bit_depth == 2 and conv.outputs[0].element_type == 3  # bytes; TIDL_SignedShort
+    assert conv.bias[0].size == 8 and len(conv.bias[0].value) == 8
+    assert conv.weights[0].min < 0 < conv.weights[0].max
+    # The TIDL model is float, at an opset TI validates: no Q/DQ, and the named tensors exist in it.
+    tidl = onnx.load(str(result.tidl_path))
+    assert [o.version for o in tidl.opset_import if o.domain == ""] == [18]
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in tidl.graph.node)
+    produced = {o for n in tidl.graph.node for o in n.output} | {i.name for i in tidl.graph.input}
+    assert set(by_name) <= produced
+
+
+def test_strip_qdq_leaves_a_float_graph_that_matches(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
     model = Net().eval()
-    qmodel = eq.QATModule(model, (x,), "int16").eval()
+    qmodel = eq.PTQModule(model, (x,), "int16").calibrate([x], progress=False)
     result = qmodel.export(tmp_path / "m.onnx")
     found = layers(onnx.load(str(result.path)))
     assert [(layer.weight_bits, layer.output_bits) for layer in found] == [(16, 16), (16, 16)]
-    stripped, removed = strip_int16(onnx.load(str(result.path)))
+    stripped, removed = strip_qdq(onnx.load(str(result.path)))
     assert removed >= 3  # input, conv output, logits
-    assert not any(
-        n.op_type in ("QuantizeLinear", "DequantizeLinear")
-        for n in stripped.graph.node
-        if n.op_type == "QuantizeLinear"
-    )
-    assert all(numpy_helper.to_array(t).dtype != np.int16 for t in stripped.graph.initializer)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in stripped.graph.node)
+    quantized = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+    assert not any(numpy_helper.to_array(t).dtype in quantized for t in stripped.graph.initializer)
     path = tmp_path / "float.onnx"
     onnx.save(stripped, str(path))
     out = run_onnx(session(str(path)), (x,))[0]
@@ -89,10 +207,9 @@ def test_int16_exports_strip_to_a_valid_float_graph(net, scheme, tmp_path):
     model = net().eval()
     qmodel = eq.PTQModule(model, (x,), scheme).calibrate([x], progress=False)
     result = qmodel.export(tmp_path / "m.onnx")
-    assert result.tidl_path is not None
     stripped = onnx.load(str(result.tidl_path))
     onnx.checker.check_model(stripped)  # topologically sorted, every input defined
-    out = run_onnx(session(str(result.tidl_path)), (x,))[0]
+    out = run_onnx(session(str(result.tidl_path)), (x[:1],))[0]
     with torch.no_grad():
-        reference = model(x).numpy()
+        reference = model(x[:1]).numpy()
     assert np.abs(out - reference).max() < 1e-2 * np.abs(reference).max()

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import EdgequantError, UsageError
+from ..core.errors import EdgequantError, TidlFallbackWarning, UsageError
 from ..core.files import check_writable
 from ..core.version import __version__
 from ..demo.training import accuracy, cache_dir, float_digits_model, train_epochs
+from ..export.devices import DEVICES, target_scheme
 from ..export.onnx import ExportResult
-from ..numerics.scheme import PRESETS, Scheme, get_scheme
+from ..export.tidl_check import tidl_check
+from ..numerics.scheme import PRESETS, Scheme
 from ..wrappers.ptq import ESTIMATORS, PTQConfig, PTQModule
 from ..wrappers.qat import QATConfig, QATModule
 from ..wrappers.schedule import FreezeSchedule
@@ -146,7 +148,7 @@ def _float_top1(model: nn.Module, data: ImageData, classes: int) -> float:
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
-    scheme = get_scheme(args.scheme)
+    scheme, _ = target_scheme(args.scheme, getattr(args, "device", None))
     if not args.high_precision:
         return scheme
     if args.high_precision == "first_last":
@@ -169,8 +171,11 @@ def _export_summary(result: ExportResult) -> dict[str, Any]:
     parity = result.parity
     return {
         "onnx": str(result.path),
+        "device": result.device.name,
         "options": str(result.options_path),
-        "tidl_onnx": str(result.tidl_path) if result.tidl_path else None,
+        "tidl_onnx": str(result.tidl_path),
+        "quant_params": str(result.quant_params_path) if result.quant_params_path else None,
+        "tidl_check": result.tidl_check.to_dict(),
         "opset": result.opset,
         "parity": {
             "max_abs_diff": parity.max_abs_diff,
@@ -179,6 +184,10 @@ def _export_summary(result: ExportResult) -> dict[str, Any]:
             "rounding_only": parity.rounding is not None,
         },
     }
+
+
+def _indented(result: ExportResult) -> list[str]:
+    return [f"  {line}" for line in str(result).splitlines()]
 
 
 def _print_summary(args: argparse.Namespace, lines: Sequence[str]) -> None:
@@ -210,12 +219,36 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     findings = check(model, example_inputs=example)
     if not args.json:
         print(format_findings(findings, checked_codes(optimizer=False, example_inputs=True)))
+    report = None
+    if args.device is not None:
+        report = _tidl_import_check(model, example, args.device)
+        if not args.json:
+            print()
+            print(report)
     return {
         "command": "check",
         "model": args.model,
         "weights": args.weights,
         "findings": [f.to_dict() for f in findings],
+        "tidl_check": report.to_dict() if report else None,
     }
+
+
+def _tidl_import_check(model: nn.Module, example: tuple[torch.Tensor, ...], device: str) -> Any:
+    """TIDL's import rules on the model as edgequant would export it (random inputs calibrate it)."""
+    import tempfile
+
+    qmodel = PTQModule(model, example, device=device).calibrate([example], progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        return qmodel.export(Path(tmp) / "model.onnx").tidl_check
+
+
+def cmd_tidl_check(args: argparse.Namespace) -> dict[str, Any]:
+    """`edgequant tidl-check`: which nodes of an ONNX file TIDL runs on the accelerator, and why not the others."""
+    report = tidl_check(args.onnx, args.device)
+    if not args.json:
+        print(report)
+    return {"command": "tidl-check", "onnx": str(args.onnx), **report.to_dict()}
 
 
 def _ptq_command(args: argparse.Namespace, high_precision: Sequence[str]) -> str:
@@ -290,7 +323,7 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
     else:
         _check_labels(classes, evaluation, args.model)
         top1["float"] = _float_top1(model, evaluation, classes)
-    qmodel = PTQModule(model, example, scheme, PTQConfig(range_estimator=args.range_estimator))
+    qmodel = PTQModule(model, example, scheme, PTQConfig(range_estimator=args.range_estimator), device=args.device)
     qmodel.calibrate(calib.loader)
     if classes is not None:
         top1["quantized"] = _top1(qmodel, evaluation, f"evaluate {scheme.name}")
@@ -300,7 +333,7 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
     if top1:
         body += [f"  evaluation:  {evaluation.description}", ""]
         body.append(_table([("float (torch)", top1["float"]), (f"{scheme.name} (torch)", top1["quantized"])]))
-    body += ["", f"  {result}", f"  time {seconds:.1f} s"]
+    body += ["", *_indented(result), f"  time {seconds:.1f} s"]
     _print_summary(args, [f"edgequant ptq: {args.model}, scheme {scheme.name}", *body])
     return {
         "command": "ptq",
@@ -335,7 +368,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
     float_top1 = _float_top1(model, evaluation, classes)
     # QAT starts from the PTQ recipe, calibrated on the first 256 training images.
     calib = list(itertools.islice(train.loader, max(1, 256 // (train.loader.batch_size or 1))))
-    qmodel = QATModule(model, example, scheme, QATConfig(FreezeSchedule(args.epochs)), calibration_data=calib)
+    config = QATConfig(FreezeSchedule(args.epochs))
+    qmodel = QATModule(model, example, scheme, config, calibration_data=calib, device=args.device)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     train_epochs(qmodel, train.loader, args.epochs, optimizer, "QAT")
     quant_top1 = _top1(qmodel.convert(), evaluation, f"evaluate {scheme.name}")
@@ -348,7 +382,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         "",
         _table([("float (torch)", float_top1), (f"QAT {scheme.name} (integer, torch)", quant_top1)]),
         "",
-        f"  {result}",
+        *_indented(result),
         f"  time {seconds:.1f} s",
     ]
     _print_summary(args, [f"edgequant qat: {args.model}, scheme {scheme.name}", *body])
@@ -395,6 +429,17 @@ examples:
   edgequant check torchvision:mobilenet_v2
   edgequant check mypackage.models:build_net --weights net.pt --input-size 320
   edgequant check torchvision:resnet18 --json > findings.json
+  edgequant check torchvision:mobilenet_v3_small --device AM62A   # + TIDL's import rules
+""",
+    "tidl-check": """\
+Rules from TI's docs/supported_ops_rts_versions.md (edgeai-tidl-tools): supported ops,
+conv kernel / stride / depthwise limits, ConvTranspose, Resize, Reshape, Gather, Q/DQ
+axis, dynamic dimensions, dimension counts, and the device-specific ones. A node that
+breaks one runs on the ARM core instead of the accelerator.
+
+examples:
+  edgequant tidl-check model.tidl.onnx --device AM62A
+  edgequant tidl-check model.onnx --device TDA4VM --json
 """,
     "analyze": f"""\
 {MODEL_HELP}
@@ -407,12 +452,15 @@ examples:
     "ptq": f"""\
 {MODEL_HELP}
 {DATA_HELP}
-Writes OUTPUT (QDQ ONNX, checked in onnxruntime against the integer torch model),
-OUTPUT's .options.json for TIDL, and .tidl.onnx when some layers are 16-bit.
+Writes OUTPUT (QDQ ONNX, dynamic batch, checked in onnxruntime against the integer
+torch model) and, for --device, the files TIDL takes: .tidl.onnx (static shapes),
+.options.json, and .quant_params.prototxt (our ranges) when some layers are 16-bit.
 Schemes: {SCHEMES}.
 
 examples:
-  edgequant ptq torchvision:resnet18 --data digits -o resnet18.onnx
+  edgequant ptq torchvision:resnet18 --data digits -o resnet18.onnx          # TDA4VM, int8_pow2
+  edgequant ptq torchvision:mobilenet_v2 --data digits --device AM68A \
+      --high-precision first_last -o mnv2.onnx                            # int8, 16-bit ends
   edgequant ptq torchvision:mobilenet_v2 --weights mnv2.pt --num-classes 5 \\
       --data flowers/train --eval-data flowers/val --scheme int8_pow2_dw -o mnv2.onnx
   edgequant ptq mypackage.models:build_net --weights net.pt --data calib/ \\
@@ -504,15 +552,29 @@ def _data_options() -> argparse.ArgumentParser:
 
 def _scheme_options(parser: argparse.ArgumentParser, eight_bit_only: bool = False) -> None:
     names = [n for n, s in PRESETS.items() if not eight_bit_only or (s.weight_bits, s.activation_bits) == (8, 8)]
-    parser.add_argument(
-        "--scheme", default="int8_pow2", choices=names, metavar="S", help=f"{', '.join(names)} (default: int8_pow2)"
-    )
-    if not eight_bit_only:
+    if eight_bit_only:
         parser.add_argument(
-            "--high-precision",
-            metavar="NAMES",
-            help="comma-separated module names to run in 16 bit, or first_last (see `edgequant analyze`)",
+            "--scheme", default="int8_pow2", choices=names, metavar="S", help=f"{', '.join(names)} (default: int8_pow2)"
         )
+        return
+    parser.add_argument(
+        "--scheme",
+        choices=names,
+        metavar="S",
+        help=f"{', '.join(names)} (default: the device's, int8_pow2 on TDA4VM and without --device, else int8)",
+    )
+    _device_option(parser, "the TIDL device to export for (default: TDA4VM for power-of-2 schemes, else AM68A)")
+    parser.add_argument(
+        "--high-precision",
+        metavar="NAMES",
+        help="comma-separated module names to run in 16 bit, or first_last (see `edgequant analyze`)",
+    )
+
+
+def _device_option(parser: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
+    parser.add_argument(
+        "--device", type=str.upper, choices=list(DEVICES), required=required, metavar="DEV", help=help_text
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,6 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = add("check", "list the quantization-guideline findings for a model", cmd_check, [model, common])
     check.add_argument("--input-size", type=_positive, default=224, metavar="S", help="input size (default: 224)")
     check.add_argument("--channels", type=_positive, default=3, metavar="C", help="input channels (default: 3)")
+    _device_option(check, "also check TIDL's import rules on the model as exported for this device")
+
+    tidl = add(
+        "tidl-check",
+        "list the nodes of an ONNX file that TIDL will not run on its accelerator",
+        cmd_tidl_check,
+        [common],
+    )
+    tidl.add_argument("onnx", type=Path, metavar="ONNX", help="a QDQ ONNX file (as edgequant exports it)")
+    _device_option(tidl, "the TIDL device whose rules apply", required=True)
 
     analyze = add(
         "analyze",
@@ -604,6 +676,7 @@ def _quiet_internals(enabled: bool) -> Iterator[None]:
     with warnings.catch_warnings():
         if enabled:
             warnings.filterwarnings("ignore", module=r"(torch|torchao|torchvision|onnx|onnxscript)(\.|$)")
+            warnings.simplefilter("ignore", TidlFallbackWarning)  # the summary prints the import check
             logger.setLevel(logging.CRITICAL)
         try:
             yield

@@ -72,3 +72,7 @@ class ParityDriftWarning(EdgequantWarning):
     order, not a wrong op), but by the outputs the two agree below PARITY_SQNR_DB: the
     engine will see the same drift. Common in randomly initialised deep models.
     """
+
+
+class TidlFallbackWarning(EdgequantWarning):
+    """Some nodes of an exported model break TIDL's import rules: TIDL will run them on the ARM core."""

@@ -7,16 +7,20 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
-from ..core.errors import UsageError
+from ..core.errors import TidlFallbackWarning, UsageError
 from ..core.files import atomic_path, check_writable, keep_as
 from ..numerics.scheme import Scheme
+from .devices import Device
 from .parity import ParityError, ParityReport, compare, reexport, torch_outputs
-from .runtime import session
-from .tidl import write_deploy_files
+from .runtime import run_onnx, session
+from .tidl import DeployFiles, static_model, write_deploy_files
+from .tidl_check import TidlCheckReport, tidl_check
 
 # Models whose weights take more bytes than this are saved by torch with external data.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -31,12 +35,30 @@ class ExportResult:
     path: Path
     opset: int
     parity: ParityReport
-    options_path: Path
-    tidl_path: Path | None = None
+    device: Device
+    deploy: DeployFiles
+    tidl_check: TidlCheckReport
+
+    @property
+    def options_path(self) -> Path:
+        return self.deploy.options
+
+    @property
+    def tidl_path(self) -> Path:
+        return self.deploy.model
+
+    @property
+    def quant_params_path(self) -> Path | None:
+        return self.deploy.quant_params
 
     def __str__(self) -> str:
-        tidl = f", {self.tidl_path.name} for TIDL" if self.tidl_path else ""
-        return f"wrote {self.path} (opset {self.opset}) with {self.options_path.name}{tidl}; {self.parity}"
+        files = [self.tidl_path.name, self.options_path.name]
+        if self.quant_params_path is not None:
+            files.append(self.quant_params_path.name)
+        return (
+            f"wrote {self.path} (opset {self.opset}) and, for {self.device.name}, {', '.join(files)}; {self.parity}\n"
+            f"{self.tidl_check.summary}"
+        )
 
 
 def _uses_int16(model: GraphModule) -> bool:
@@ -77,6 +99,17 @@ def flatten_outputs(model: GraphModule) -> GraphModule:
     return model
 
 
+def output_names(model: GraphModule) -> list[str]:
+    """ONNX names for the model's outputs: "logits" for one tensor, the keys of a dict, else output_<i>."""
+    info = getattr(model.graph._codegen, "pytree_info", None)  # torch.fx keeps the output structure here
+    spec = getattr(info, "out_spec", None)
+    if spec is None or spec.is_leaf():
+        return ["logits"]
+    if spec.type is dict and all(child.is_leaf() for child in spec.children_specs):
+        return [str(key) for key in spec.context]
+    return [f"output_{i}" for i in range(spec.num_leaves)]
+
+
 def check_eval(converted: GraphModule, inputs: tuple[torch.Tensor, ...], eval_outputs: object) -> tuple[float, float]:
     """(max |diff|, top-1 agreement) of the wrapper's eval outputs vs the converted model.
 
@@ -104,13 +137,15 @@ def export_onnx(
     example_inputs: tuple[torch.Tensor, ...],
     path: str | os.PathLike,
     scheme: Scheme,
+    device: Device,
     opset: int | None = None,
     eval_outputs: object = None,
+    batch: int = 1,
 ) -> ExportResult:
     """Export with a dynamic batch, check it in onnxruntime, then move it into place.
 
-    Next to the model it writes the TIDL options file (and, for 16-bit layers, the
-    8-bit-only model TIDL imports); see `tidl.py`.
+    Next to it go the files TIDL takes for `device` (see `tidl.py`): the model with a
+    static `batch`, checked in onnxruntime too, its options and, for 16-bit layers, our ranges.
 
     The file is written under a temporary name and renamed only after the parity
     check passes, so an interrupted or rejected export never clobbers a good file.
@@ -118,11 +153,16 @@ def export_onnx(
     path = check_writable(path)
     opset = choose_opset(converted, opset)
     agreement = None if eval_outputs is None else check_eval(converted, example_inputs, eval_outputs)
+    names = output_names(converted)
     converted = flatten_outputs(converted.eval())
     program, reference = reexport(converted, tuple(example_inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False)
+    outputs = onnx_program.model.graph.outputs
+    if len(outputs) == len(names) and len({id(v) for v in outputs}) == len(names):
+        for value, name in zip(outputs, names, strict=True):
+            value.name = name
     # Past 2 GB torch writes the weights as a side file named after the model file, which
     # a nameless temporary cannot have: such models use a named hidden temporary.
     size = sum(t.numel() * t.element_size() for t in (*converted.parameters(), *converted.buffers()))
@@ -138,5 +178,35 @@ def export_onnx(
             rejected = path.with_name(f"{path.stem}.rejected.onnx")
             keep_as(tmp, rejected)
             raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
-    options_path, tidl_path = write_deploy_files(path, scheme)
-    return ExportResult(path, opset, parity, options_path, tidl_path)
+    deploy = write_deploy_files(path, scheme, device, batch)
+    check_static(deploy, path, example_inputs, batch)
+    # TIDL's import rules, on the static model with its Q/DQ (a 16-bit TIDL model is float:
+    # its Q/DQ-carried facts, such as 16-bit ConvTranspose, are read from the exported file).
+    checked = deploy.model if deploy.quant_params is None else static_model(onnx.load(str(path)), batch)
+    report = tidl_check(checked, device)
+    if report.fallback:
+        warnings.warn(
+            TidlFallbackWarning(f"{report.summary}. print(result.tidl_check) gives each node's rule and fix"),
+            stacklevel=3,
+        )
+    return ExportResult(path, opset, parity, device, deploy, report)
+
+
+def check_static(deploy: DeployFiles, path: Path, inputs: tuple[torch.Tensor, ...], batch: int) -> None:
+    """Run the static TIDL model in onnxruntime: the same outputs as the exported file (8 bit), or finite ones.
+
+    A float TIDL model (16-bit layers, ranges in the prototxt) cannot equal the QDQ
+    file; it must run at its static shape and stay finite.
+    """
+    part = tuple(x[:batch] for x in inputs)
+    if part[0].shape[0] != batch:
+        return  # fewer samples than the static batch: nothing to feed it
+    static = run_onnx(session(str(deploy.model)), part)
+    if deploy.quant_params is None:
+        dynamic = run_onnx(session(str(path)), part)
+        same = all(a.shape == b.shape and (a == b).all() for a, b in zip(static, dynamic, strict=True))
+        problem = None if same else "its outputs differ from the exported file's"
+    else:
+        problem = None if all(np.isfinite(a).all() for a in static) else "it computes non-finite outputs"
+    if problem:
+        raise ParityError(f"the static TIDL model {deploy.model.name} does not check out: {problem}")

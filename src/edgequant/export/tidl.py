@@ -1,14 +1,15 @@
-"""TIDL deployment files: the compiler options and an 8-bit-only model for its importer.
+"""TIDL deployment files, per device: the compiler options, the model it imports, our ranges.
 
-TIDL imports pre-quantized ONNX with 8-bit Q/DQ only; layers that should run in
-16 bit are requested by name through its options instead. From the exported QDQ
-model this writes:
+From the exported QDQ model (dynamic batch, for onnxruntime users) this writes:
 
-- ``<stem>.options.json``: the TIDL compiler options (pre-quantized or not, scale
-  type, default tensor bits, and the ONNX names of the 16-bit layers);
-- ``<stem>.tidl.onnx`` when the model has 16-bit tensors: the same graph with every
-  int16 Q/DQ pair removed (those tensors stay float and TIDL quantizes them to 16
-  bit itself), and int16 weights stored dequantized.
+- ``<stem>.tidl.onnx``: the model TIDL imports. Static shapes (batch 1 unless asked
+  otherwise) with every tensor's shape inferred, as TIDL's compiler needs. An 8-bit model
+  keeps its Q/DQ (TIDL's pre-quantized import, 8-bit only); a model with 16-bit layers goes
+  in float, every Q/DQ removed and weights dequantized, and its ranges go in the next file.
+- ``<stem>.quant_params.prototxt`` (16-bit and mixed precision): the min/max of every
+  layer's output, weights and bias from our calibration, so that TIDL bypasses its own
+  (tidl_params.py).
+- ``<stem>.options.json``: the compiler options for the device (devices.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, numpy_helper, version_converter
+from onnx.external_data_helper import load_external_data_for_model
 
 from ..core.files import write_atomic
 from ..numerics.scheme import Scheme
-
-SCALE_TYPE_POW2, SCALE_TYPE_PER_CHANNEL = 1, 4
+from .devices import Device
+from .tidl_params import OnnxGraph, quant_params, to_text
 
 
 @dataclass(frozen=True)
@@ -36,111 +38,93 @@ class Layer:
     weight_bits: int
     output_bits: int
 
-
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+    @property
+    def sixteen_bit(self) -> bool:
+        return self.weight_bits == 16 or self.output_bits == 16
 
 
-def _dtype_bits(array: np.ndarray | None) -> int:
-    return {np.dtype(np.int8): 8, np.dtype(np.int16): 16}.get(np.dtype(array.dtype), 32) if array is not None else 32
+@dataclass(frozen=True)
+class DeployFiles:
+    """The files TIDL takes for one device."""
+
+    options: Path
+    model: Path
+    quant_params: Path | None
 
 
 def layers(model: onnx.ModelProto) -> list[Layer]:
     """Every Conv / Gemm of the ONNX graph with its weight and output precision."""
-    graph = model.graph
-    values = _constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    graph = OnnxGraph(model)
     found = []
-    for node in graph.node:
+    for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
             continue
-        weight_dq = producer.get(node.input[1])
-        weight_bits = 32
-        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear":
-            weight_bits = _dtype_bits(values.get(weight_dq.input[0]))
-        # Follow single consumers (Relu, Clip, ...) to the QuantizeLinear that closes the layer.
-        tensor, output_bits = node.output[0], 32
-        while len(users := consumers.get(tensor, [])) == 1:
-            if users[0].op_type == "QuantizeLinear":
-                output_bits = _dtype_bits(values.get(users[0].input[2]))
-                break
-            tensor = users[0].output[0]
-        found.append(Layer(node.output[0], tensor, weight_bits, output_bits))
+        weight = graph.weight_grid(node, 1)
+        feature = graph.feature(node)
+        output = graph.quantizer_of(feature)
+        found.append(
+            Layer(
+                node.output[0],
+                feature,
+                weight[0].bits if weight else 32,
+                graph.grid(output).bits if output is not None else 32,
+            )
+        )
     return found
 
 
-def options(scheme: Scheme, model_layers: list[Layer]) -> dict[str, object]:
-    """TIDL compiler options for a model exported with `scheme`."""
-    base_bits = scheme.activation_bits
-    sixteen = [layer for layer in model_layers if layer.output_bits == 16 or layer.weight_bits == 16]
-    # TIDL's pre-quantized import reads 8-bit Q/DQ; an all-16-bit model goes in float.
-    prequantized = base_bits == 8
+def options(device: Device, scheme: Scheme, model_layers: list[Layer], params_file: str | None) -> dict[str, object]:
+    """The TIDL compiler options for a model exported with `scheme`, for `device`.
+
+    Keys and values: examples/osrt_python/README.md and docs/tidl_fsg_quantization.md of
+    TI's edgeai-tidl-tools. An 8-bit model is pre-quantized (TIDL reads our Q/DQ); one with
+    16-bit layers is float, with our ranges in the quantization-params file.
+    """
+    sixteen = [layer for layer in model_layers if layer.sixteen_bit]
+    prequantized = scheme.activation_bits == 8 and not sixteen
     result: dict[str, object] = {
+        "tensor_bits": scheme.activation_bits,
+        "accuracy_level": 0,  # simple calibration: ranges from min/max (ours), nothing tuned by TIDL
         "advanced_options:prequantized_model": int(prequantized),
-        "advanced_options:quantization_scale_type": SCALE_TYPE_POW2 if scheme.power_of_2 else SCALE_TYPE_PER_CHANNEL,
-        "tensor_bits": base_bits,
-        "accuracy_level": 0,
+        "advanced_options:quantization_scale_type": device.scale_type(scheme),
     }
-    if base_bits == 8 and sixteen:
+    if scheme.activation_bits == 8 and sixteen:
         result["advanced_options:output_feature_16bit_names_list"] = ",".join(
             layer.feature for layer in sixteen if layer.output_bits == 16
         )
         result["advanced_options:params_16bit_names_list"] = ",".join(
             layer.name for layer in sixteen if layer.weight_bits == 16
         )
+    if params_file is not None:
+        result["advanced_options:quant_params_proto_path"] = params_file
     return result
 
 
-def _int16_outputs(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> set[str]:
-    int16 = set()
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
-            zp = values.get(node.input[2])
-            if zp is not None and zp.dtype == np.int16:
-                int16.add(node.output[0])
-    return int16
+def strip_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Remove every activation Q/DQ pair and dequantize quantized constants; return (model, pairs removed).
 
-
-def strip_int16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Remove int16 Q/DQ pairs and dequantize int16 weights; return (model, pairs removed)."""
+    The float graph keeps the tensor names of the QDQ one (a layer's output is the
+    tensor its QuantizeLinear read), so the names in the options and the prototxt hold.
+    """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    values = _constants(graph)
-    q16 = _int16_outputs(graph, values)
+    lookups = OnnxGraph(model)
     rename: dict[str, str] = {}
-    drop = []
-    new_inits = []
+    drop, new_inits, pairs = [], [], 0
     for node in graph.node:
-        if node.op_type == "QuantizeLinear" and node.output[0] in q16:
+        if node.op_type == "QuantizeLinear":
             drop.append(node)
+            pairs += 1
         elif node.op_type == "DequantizeLinear":
-            source = node.input[0]
-            if source in q16:
-                q_node = next(n for n in graph.node if n.output[0] == source)
-                rename[node.output[0]] = q_node.input[0]
-                drop.append(node)
-            elif source in values and values[source].dtype == np.int16:
-                scale = values[node.input[1]].astype(np.float32)
-                zp = values[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.float32(0)
-                q = values[source].astype(np.float32)
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                if scale.ndim == 1 and scale.size > 1:
-                    shape = [1] * q.ndim
-                    shape[axis] = -1
-                    scale, zp = scale.reshape(shape), np.reshape(zp, shape) if np.ndim(zp) else zp
-                new_inits.append(numpy_helper.from_array(((q - zp) * scale).astype(np.float32), node.output[0]))
-                drop.append(node)
+            source = lookups.producer.get(node.input[0])
+            if source is not None and source.op_type == "QuantizeLinear":
+                rename[node.output[0]] = source.input[0]
+            else:
+                new_inits.append(numpy_helper.from_array(_dequantized(lookups, node), node.output[0]))
+            drop.append(node)
 
     def source_of(name: str) -> str:
-        # Q16 -> DQ16 -> op -> Q16 -> DQ16 chains: a renamed tensor may itself be renamed.
+        # Q -> DQ -> Q -> DQ chains (a requantization with nothing between): follow to the float tensor.
         while name in rename:
             name = rename[name]
         return name
@@ -151,30 +135,85 @@ def strip_int16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for i, name in enumerate(node.input):
             node.input[i] = source_of(name)
     for output in graph.output:
-        if output.name in rename:  # a graph output was an int16 DQ: keep its name
+        if output.name in rename:  # a graph output was a DQ: keep its name
             graph.node.append(onnx.helper.make_node("Identity", [source_of(output.name)], [output.name]))
     graph.initializer.extend(new_inits)
     used = {i for node in graph.node for i in node.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    float_types = (TensorProto.FLOAT, TensorProto.UNDEFINED)
     for info in list(graph.value_info):
-        if info.type.tensor_type.elem_type == TensorProto.INT16:
+        if info.type.tensor_type.elem_type not in float_types:
             graph.value_info.remove(info)
     onnx.checker.check_model(model)
-    return model, len(q16)
+    return model, pairs
 
 
-def write_deploy_files(onnx_path: Path, scheme: Scheme) -> tuple[Path, Path | None]:
-    """Write the options file, and the TIDL model when 16-bit tensors must be stripped."""
-    model = onnx.load(str(onnx_path))
+def _dequantized(graph: OnnxGraph, node: onnx.NodeProto) -> np.ndarray:
+    grid = graph.grid(node)
+    q = graph.values[node.input[0]].astype(np.float64)
+    scale, zp = grid.scale.astype(np.float64), grid.zero_point.astype(np.float64)
+    if scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+# TI validates its ONNX import up to opset 19 (docs/supported_ops_rts_versions.md); int16 Q/DQ
+# needed 21, but the float TIDL model has none left.
+TIDL_OPSET = 18
+
+
+def _lowest_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float model at TIDL_OPSET when ONNX's converter can take it there; else as it is."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TIDL_OPSET)
+    if current <= TIDL_OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, TIDL_OPSET)
+        onnx.checker.check_model(converted)
+    except (RuntimeError, onnx.checker.ValidationError):  # an op the converter cannot step down
+        return model
+    return converted
+
+
+def static_model(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """The model with a fixed batch and every tensor's shape inferred (TIDL's compiler needs both)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    for value in model.graph.output:  # re-inferred below, with the batch fixed
+        for dim in value.type.tensor_type.shape.dim[1:]:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+    del model.graph.value_info[:]
+    # Not strict: an op ONNX cannot infer leaves its tensors without shapes (the import checker
+    # reports what TIDL then cannot take) instead of failing the whole export.
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def write_deploy_files(onnx_path: Path, scheme: Scheme, device: Device, batch: int = 1) -> DeployFiles:
+    """Write the TIDL model, options and (for 16-bit layers) our ranges next to `onnx_path`."""
+    # Weights stay where they are: a model over 2 GB keeps them in its side file, which the
+    # static model (written next to it) refers to as well.
+    model = onnx.load(str(onnx_path), load_external_data=False)
     model_layers = layers(model)
-    opts = options(scheme, model_layers)
+    float_model = scheme.activation_bits == 16 or any(layer.sixteen_bit for layer in model_layers)
+    params_path = None
+    if float_model:
+        load_external_data_for_model(model, str(onnx_path.parent))
+        params_path = onnx_path.with_name(f"{onnx_path.stem}.quant_params.prototxt")
+        write_atomic(params_path, to_text(quant_params(model)).encode())
+        model = _lowest_opset(strip_qdq(model)[0])
+    tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
+    write_atomic(tidl_path, static_model(model, batch).SerializeToString())
+    opts = options(device, scheme, model_layers, params_path.name if params_path else None)
     options_path = onnx_path.with_name(f"{onnx_path.stem}.options.json")
     write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
-    if not any(layer.output_bits == 16 or layer.weight_bits == 16 for layer in model_layers):
-        return options_path, None
-    stripped, _ = strip_int16(model)
-    tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
-    write_atomic(tidl_path, stripped.SerializeToString())
-    return options_path, tidl_path
+    return DeployFiles(options_path, tidl_path, params_path)

@@ -13,11 +13,12 @@ from torch.fx import GraphModule
 
 from ..core.errors import InputShapeError, UsageError
 from ..core.files import check_writable
+from ..export.devices import Device, device_for, get_device, target_scheme
 from ..export.onnx import ExportResult, export_onnx
 from ..export.parity import torch_outputs
 from ..graph.capture import MODEL_CLASS_KEY, batch_of_two, check_example_inputs
 from ..graph.convert import convert
-from ..numerics.scheme import Scheme, get_scheme
+from ..numerics.scheme import Scheme
 from .checkpoint import CheckpointError, check_metadata, check_state_dict, read_checkpoint, save_checkpoint
 
 # Samples the export's onnxruntime check runs on: the first ones the wrapper calibrated or
@@ -31,10 +32,15 @@ class QuantWrapper(nn.Module):
     model: GraphModule
 
     def __init__(
-        self, example_inputs: tuple[torch.Tensor, ...], scheme: str | Scheme, dynamic_spatial: bool = False
+        self,
+        example_inputs: tuple[torch.Tensor, ...],
+        scheme: str | Scheme | None,
+        dynamic_spatial: bool = False,
+        device: str | Device | None = None,
     ) -> None:
         super().__init__()
-        self.scheme = get_scheme(scheme)
+        # The TIDL device this model is for, if named: it sets the default scheme and export's options.
+        self.scheme, self.tidl_device = target_scheme(scheme, device)
         self.example_inputs = tuple(x.detach().clone() for x in check_example_inputs(example_inputs))
         self.dynamic_spatial = dynamic_spatial
 
@@ -153,16 +159,24 @@ class QuantWrapper(nn.Module):
         self._drop_integer_model()  # .to(device) / .half(): rebuild the integer model from the moved graph
         return super()._apply(fn, recurse)
 
-    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
-        """Write QDQ ONNX (plus TIDL files) after checking it in onnxruntime against `convert()`.
+    def export(
+        self, path: str | os.PathLike, opset: int | None = None, device: str | Device | None = None, batch: int = 1
+    ) -> ExportResult:
+        """Write QDQ ONNX and the files TIDL takes for `device`, after checking them in onnxruntime.
 
         The check covers the three views a user has of the model: eval mode of this
         wrapper, `convert()`, and onnxruntime on the file, on up to PARITY_SAMPLES samples
         of the data the wrapper calibrated or trained on in this process (else on
-        example_inputs).
+        example_inputs). `device` (TDA4VM, AM62A, AM67A, AM68A, AM69A) defaults to the
+        wrapper's, else to TDA4VM for power-of-2 schemes and AM68A for the others; a
+        scheme the device cannot run is refused. The TIDL model has a static `batch`.
         """
+        target = get_device(device) if device is not None else self.tidl_device or device_for(self.scheme)
+        target.check(self.scheme)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise UsageError(f"batch is the TIDL model's static batch size, a positive integer; got {batch!r}")
         check_writable(path)  # before the conversion, which takes a while on large models
         inputs = self.parity_inputs()
         converted = self.convert()
         seen = torch_outputs(self.integer_model(), inputs)  # what eval mode computes
-        return export_onnx(converted, inputs, path, self.scheme, opset, eval_outputs=seen)
+        return export_onnx(converted, inputs, path, self.scheme, target, opset, eval_outputs=seen, batch=batch)

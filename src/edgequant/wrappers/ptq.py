@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import NonFiniteError, NotCalibratedError, UsageError
 from ..core.records import record, record_fields
+from ..export.devices import Device
 from ..graph.adaround import adaround
 from ..graph.batchnorm import fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
 from ..graph.bias_correction import correct_biases
@@ -145,19 +146,25 @@ class PTQModule(QuantWrapper):
     mode (the state after construction) each forward pass observes min/max ranges
     and returns the float result; `calibrate(data)` runs the full recipe over a
     loader and switches to eval mode, where forward runs the quantized integer model.
+
+    `device` (TDA4VM, AM62A, AM67A, AM68A, AM69A) names the TIDL device the model is
+    for: without a `scheme` its default is used (int8_pow2 on TDA4VM, int8 on the
+    others), a scheme it cannot run is refused, and `export()` writes its files.
+    Without either, the scheme is int8_pow2.
     """
 
     def __init__(
         self,
         model: nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
-        scheme: str | Scheme = "int8_pow2",
+        scheme: str | Scheme | None = None,
         config: PTQConfig | None = None,
         dynamic_spatial: bool = False,
+        device: str | Device | None = None,
     ) -> None:
         if config is not None and not isinstance(config, PTQConfig):
             raise UsageError(f"config must be an eq.PTQConfig, got {type(config).__name__}")
-        super().__init__(example_inputs, scheme, dynamic_spatial)
+        super().__init__(example_inputs, scheme, dynamic_spatial, device)
         self.config = config or PTQConfig()
         self._float = capture(model, self.example_inputs, dynamic_spatial)
         set_graph_training(self._float, dropout=False, batchnorm=False)

@@ -17,6 +17,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from ..core.errors import InitialRangesWarning, NonFiniteError, UsageError
 from ..core.records import record, record_fields
+from ..export.devices import Device
 from ..export.onnx import ExportResult
 from ..graph.batchnorm import attach_bn_factors, set_graph_training, zero_dead_channels
 from ..graph.capture import capture
@@ -95,6 +96,9 @@ class QATModule(QuantWrapper):
     equalization for per-tensor schemes, calibrated ranges. Without it, ranges start
     from the example inputs and dead channels (BN running variance ~0) are zeroed.
 
+    `device` names the TIDL device, as for `PTQModule`: it sets the default scheme
+    and export's files, and refuses a scheme the device cannot run.
+
     A NaN or Inf in a training step raises `NonFiniteError` naming the layer.
 
     Under DistributedDataParallel (any time torch.distributed is initialized with
@@ -108,18 +112,19 @@ class QATModule(QuantWrapper):
         self,
         model: nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
-        scheme: str | Scheme = "int8_pow2",
+        scheme: str | Scheme | None = None,
         config: QATConfig | None = None,
         calibration_data: Iterable | None = None,
         ptq_config: PTQConfig | None = None,
         dynamic_spatial: bool = False,
+        device: str | Device | None = None,
     ) -> None:
         if config is not None and not isinstance(config, QATConfig):
             raise UsageError(
                 "config must be an eq.QATConfig, e.g. eq.QATConfig(eq.FreezeSchedule(total_epochs=10)); "
                 f"got {type(config).__name__}"
             )
-        super().__init__(example_inputs, scheme, dynamic_spatial)
+        super().__init__(example_inputs, scheme, dynamic_spatial, device)
         self.config = config or QATConfig()
         training, ptq = model.training, None
         if calibration_data is not None:
@@ -231,7 +236,9 @@ class QATModule(QuantWrapper):
         self.train(self.training)  # apply the loaded epoch's freezing to the graph now
         return result
 
-    def export(self, path: str | os.PathLike, opset: int | None = None) -> ExportResult:
+    def export(
+        self, path: str | os.PathLike, opset: int | None = None, device: str | Device | None = None, batch: int = 1
+    ) -> ExportResult:
         if not self.epoch and not int(self.qat_state[1]):
             warnings.warn(
                 InitialRangesWarning(
@@ -240,7 +247,7 @@ class QATModule(QuantWrapper):
                 ),
                 stacklevel=2,
             )
-        return super().export(path, opset)
+        return super().export(path, opset, device, batch)
 
     def forward(self, *args: torch.Tensor) -> Any:
         self.check_inputs(args)
