@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -96,13 +97,32 @@ def test_tidl_model_is_static_named_and_equal_to_the_export(batch, tmp_path):
     assert ours.shape == (batch, 4) and (ours == theirs).all()
 
 
+class WithEinsum(Net):
+    def forward(self, image):
+        return self.fc(torch.einsum("nchw->nc", torch.relu(self.conv(image))) / 64)
+
+
 def test_export_warns_about_nodes_tidl_runs_on_the_arm_core(tmp_path):
     x = torch.randn(4, 3, 8, 8)
-    qmodel = eq.PTQModule(Net().eval(), (x,)).calibrate([x], progress=False)
-    with pytest.warns(eq.TidlFallbackWarning, match=r"TDA4VM: 3 of 4 nodes on the accelerator; 1 fall back to the ARM"):
+    qmodel = eq.PTQModule(WithEinsum().eval(), (x,)).calibrate([x], progress=False)
+    with pytest.warns(eq.TidlFallbackWarning, match=r"TDA4VM: 4 of 5 nodes on the accelerator; 1 fall back to the ARM"):
         result = qmodel.export(tmp_path / "m.onnx")
-    assert [f.op_type for f in result.tidl_check.findings] == ["ReduceMean"]  # x.mean((2, 3))
+    assert [f.op_type for f in result.tidl_check.findings] == ["Einsum"]
     assert result.tidl_check.summary in str(result)
+
+
+def test_global_average_pooling_goes_to_tidl_as_a_pool(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    qmodel = eq.PTQModule(Net().eval(), (x,)).calibrate([x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", eq.TidlFallbackWarning)  # x.mean((2, 3)) no longer falls back
+        result = qmodel.export(tmp_path / "m.onnx", batch=8)
+    ops = [n.op_type for n in onnx.load(str(result.tidl_path)).graph.node]
+    assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 1
+    assert "ReduceMean" in [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    ours, theirs = (run_onnx(session(str(p)), (x,))[0] for p in (result.tidl_path, result.path))
+    assert (ours == theirs).all()
 
 
 def test_dict_outputs_keep_their_keys(tmp_path):
@@ -138,13 +158,20 @@ def test_quant_params_prototxt_holds_every_layer_range(scheme, device, tmp_path)
     exported = onnx.load(str(result.path))
     by_name = {layer.layer_name: layer for layer in net.layers}
     assert net.num_layers == len(net.layers)
-    # The input, the conv (+ReLU), the mean (ReduceMean: not a TIDL layer) and the Gemm.
-    expected = {"image": "TIDL_DataLayer", "relu": "TIDL_ConvolutionLayer", "logits": "TIDL_InnerProductLayer"}
-    gemm_out = next(n for n in exported.graph.node if n.op_type == "Gemm").output[0]
-    expected[gemm_out] = expected.pop("logits")
-    assert {name: by_name[name].layer_type for name in expected} == expected
-    for name in expected:
-        low, high = _implied_range(exported, name)
+    # The input, the conv (+ReLU), the mean (GlobalAveragePool + Flatten in the TIDL model) and the Gemm.
+    gemm = next(n for n in exported.graph.node if n.op_type == "Gemm").output[0]
+    mean = next(n for n in exported.graph.node if n.op_type == "ReduceMean").output[0]
+    expected = {
+        "image": ("TIDL_DataLayer", "image"),
+        "relu": ("TIDL_ConvolutionLayer", "relu"),
+        f"{mean}_pooled": ("TIDL_PoolingLayer", mean),  # the pooled tensor has the mean's grid
+        mean: ("TIDL_FlattenLayer", mean),
+        gemm: ("TIDL_InnerProductLayer", gemm),
+    }
+    assert {name: by_name[name].layer_type for name in expected} == {k: v[0] for k, v in expected.items()}
+    assert len(net.layers) == len(expected)
+    for name, (_, quantized) in expected.items():
+        low, high = _implied_range(exported, quantized)
         assert by_name[name].outputs[0].min == pytest.approx(low, rel=1e-6)
         assert by_name[name].outputs[0].max == pytest.approx(high, rel=1e-6)
     conv = by_name["relu"]  # 16 bit in every case here (the mixed scheme's 16-bit layer is "conv")

@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
@@ -19,7 +18,7 @@ from ..numerics.scheme import Scheme
 from .devices import Device
 from .parity import ParityError, ParityReport, compare, reexport, torch_outputs
 from .runtime import run_onnx, session
-from .tidl import DeployFiles, static_model, write_deploy_files
+from .tidl import DeployFiles, write_deploy_files
 from .tidl_check import TidlCheckReport, tidl_check
 
 # Models whose weights take more bytes than this are saved by torch with external data.
@@ -178,12 +177,11 @@ def export_onnx(
             rejected = path.with_name(f"{path.stem}.rejected.onnx")
             keep_as(tmp, rejected)
             raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
-    deploy = write_deploy_files(path, scheme, device, batch)
+    deploy, quantized = write_deploy_files(path, scheme, device, batch)
     check_static(deploy, path, example_inputs, batch)
-    # TIDL's import rules, on the static model with its Q/DQ (a 16-bit TIDL model is float:
-    # its Q/DQ-carried facts, such as 16-bit ConvTranspose, are read from the exported file).
-    checked = deploy.model if deploy.quant_params is None else static_model(onnx.load(str(path)), batch)
-    report = tidl_check(checked, device)
+    # TIDL's import rules on the static model with its Q/DQ (a 16-bit TIDL model itself is
+    # float; facts such as a 16-bit ConvTranspose are read from the Q/DQ).
+    report = tidl_check(quantized, device)
     if report.fallback:
         warnings.warn(
             TidlFallbackWarning(f"{report.summary}. print(result.tidl_check) gives each node's rule and fix"),

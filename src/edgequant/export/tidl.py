@@ -10,6 +10,9 @@ From the exported QDQ model (dynamic batch, for onnxruntime users) this writes:
   layer's output, weights and bias from our calibration, so that TIDL bypasses its own
   (tidl_params.py).
 - ``<stem>.options.json``: the compiler options for the device (devices.py).
+
+The TIDL model computes what the exported one does, with ReduceMean over H and W (how
+torch exports global average pooling) written as GlobalAveragePool, which TIDL accelerates.
 """
 
 from __future__ import annotations
@@ -162,6 +165,33 @@ def _dequantized(graph: OnnxGraph, node: onnx.NodeProto) -> np.ndarray:
     return ((q - zp) * scale).astype(np.float32)
 
 
+def average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """ReduceMean over H and W as GlobalAveragePool (+ Flatten without keepdims); return (model, rewritten).
+
+    TIDL runs ReduceMean on the ARM core ("not supported as an individual operator",
+    docs/supported_ops_rts_versions.md); torch exports nn.AdaptiveAvgPool2d(1) and
+    x.mean((2, 3)) as ReduceMean. GlobalAveragePool computes the same mean on the accelerator.
+    """
+    model = onnx.shape_inference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
+    graph = OnnxGraph(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.input, *model.graph.value_info)}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        axes = graph.values.get(node.input[1]) if node.op_type == "ReduceMean" and len(node.input) > 1 else None
+        if axes is None or ranks.get(node.input[0]) != 4 or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]:
+            nodes.append(node)
+            continue
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        pooled = node.output[0] if keepdims else f"{node.output[0]}_pooled"
+        nodes.append(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name))
+        if not keepdims:
+            nodes.append(onnx.helper.make_node("Flatten", [pooled], [node.output[0]], name=f"{node.name}_flatten"))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model, rewritten
+
+
 # TI validates its ONNX import up to opset 19 (docs/supported_ops_rts_versions.md); int16 Q/DQ
 # needed 21, but the float TIDL model has none left.
 TIDL_OPSET = 18
@@ -198,22 +228,31 @@ def static_model(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, data_prop=True)
 
 
-def write_deploy_files(onnx_path: Path, scheme: Scheme, device: Device, batch: int = 1) -> DeployFiles:
-    """Write the TIDL model, options and (for 16-bit layers) our ranges next to `onnx_path`."""
+def write_deploy_files(
+    onnx_path: Path, scheme: Scheme, device: Device, batch: int = 1
+) -> tuple[DeployFiles, onnx.ModelProto]:
+    """Write the TIDL model, options and (for 16-bit layers) our ranges next to `onnx_path`.
+
+    Also returns the static model with its Q/DQ, as TIDL's import rules should see it
+    (for an 8-bit model, the TIDL model itself).
+    """
     # Weights stay where they are: a model over 2 GB keeps them in its side file, which the
     # static model (written next to it) refers to as well.
     model = onnx.load(str(onnx_path), load_external_data=False)
+    model, _ = average_pools(model)
     model_layers = layers(model)
     float_model = scheme.activation_bits == 16 or any(layer.sixteen_bit for layer in model_layers)
-    params_path = None
+    params_path, quantized = None, static_model(model, batch)
     if float_model:
         load_external_data_for_model(model, str(onnx_path.parent))
         params_path = onnx_path.with_name(f"{onnx_path.stem}.quant_params.prototxt")
         write_atomic(params_path, to_text(quant_params(model)).encode())
-        model = _lowest_opset(strip_qdq(model)[0])
+        model = static_model(_lowest_opset(strip_qdq(model)[0]), batch)
+    else:
+        model = quantized
     tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
-    write_atomic(tidl_path, static_model(model, batch).SerializeToString())
+    write_atomic(tidl_path, model.SerializeToString())
     opts = options(device, scheme, model_layers, params_path.name if params_path else None)
     options_path = onnx_path.with_name(f"{onnx_path.stem}.options.json")
     write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
-    return DeployFiles(options_path, tidl_path, params_path)
+    return DeployFiles(options_path, tidl_path, params_path), quantized

@@ -112,6 +112,8 @@ DATA_LAYER = "TIDL_DataLayer"
 # Activations TIDL merges into the conv / eltwise layer before them: no layer of their own.
 MERGED_ACTIVATIONS = ("Relu", "Clip")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops that move values without changing them: a tensor they make has the grid of their input.
+SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
 # ONNX Q/DQ integer types -> TIDL element types (eTIDL_ElementType) and bit depth in bytes.
 _ELEMENT_TYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.uint16): 2, np.dtype(np.int16): 3}
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -188,7 +190,8 @@ class OnnxGraph:
         return Grid(scale, zp, zp.dtype)
 
     def quantizer_of(self, tensor: str) -> onnx.NodeProto | None:
-        """The Q that quantizes `tensor` (a consumer), or the Q behind the DQ that produced it."""
+        """The Q that sets `tensor`'s grid: one that reads it, the one behind the DQ that made it,
+        or, through shape-only ops (Flatten, Reshape, ...), the one of the tensor it reshapes."""
         for user in self.consumers.get(tensor, []):
             if user.op_type == "QuantizeLinear":
                 return user
@@ -196,6 +199,11 @@ class OnnxGraph:
         if producer is not None and producer.op_type == "DequantizeLinear":
             source = self.producer.get(producer.input[0])
             return source if source is not None and source.op_type == "QuantizeLinear" else None
+        users = self.consumers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type in SHAPE_OPS:
+            return self.quantizer_of(users[0].output[0])
+        if producer is not None and producer.op_type in SHAPE_OPS:
+            return self.quantizer_of(producer.input[0])
         return None
 
     def feature(self, node: onnx.NodeProto) -> str:
