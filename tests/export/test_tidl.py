@@ -1,4 +1,5 @@
 import json
+from collections import OrderedDict
 import warnings
 
 import numpy as np
@@ -57,7 +58,7 @@ class TwoHeads(torch.nn.Module):
 
     def forward(self, x):
         features = torch.relu(self.body(x))
-        return {"out": self.out(features), "aux": self.aux(features)}
+        return OrderedDict(out=self.out(features), aux=self.aux(features))  # as torchvision's segmentation models
 
 
 def test_refused_export_writes_nothing(tmp_path):
@@ -125,12 +126,34 @@ def test_global_average_pooling_goes_to_tidl_as_a_pool(tmp_path):
     assert (ours == theirs).all()
 
 
+class Upsampling(TwoHeads):
+    """A segmentation head resized to the input's size, as torchvision's: shape arithmetic in the graph."""
+
+    def forward(self, x):
+        out = self.out(torch.relu(self.body(x)))[:, :, ::2, ::2]
+        return {"out": torch.nn.functional.interpolate(out, size=x.shape[-2:], mode="nearest")}
+
+
 def test_dict_outputs_keep_their_keys(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     qmodel = eq.PTQModule(TwoHeads().eval(), (x,)).calibrate([x], progress=False)
     result = qmodel.export(tmp_path / "seg.onnx")
     for path in (result.path, result.tidl_path):
         assert [o.name for o in onnx.load(str(path)).graph.output] == ["out", "aux"]
+
+
+def test_shape_arithmetic_is_folded_into_constants(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = eq.PTQModule(Upsampling().eval(), (x,)).calibrate([x], progress=False)
+    result = qmodel.export(tmp_path / "seg.onnx", batch=2)
+    exported, tidl = (onnx.load(str(p)) for p in (result.path, result.tidl_path))
+    assert "Shape" in [n.op_type for n in exported.graph.node]  # the dynamic-batch file computes sizes
+    assert not {"Shape", "Gather", "Concat"} & {n.op_type for n in tidl.graph.node}
+    resize = next(n for n in tidl.graph.node if n.op_type == "Resize")
+    assert all(name in {t.name for t in tidl.graph.initializer} for name in resize.input[1:] if name)
+    assert "resize-scales" not in {f.rule for f in result.tidl_check.findings}
+    ours, theirs = (run_onnx(session(str(p)), (x[:2],))[0] for p in (result.tidl_path, result.path))
+    assert ours.shape == (2, 4, 8, 8) and (ours == theirs).all()
 
 
 def _implied_range(model: onnx.ModelProto, tensor: str) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,8 +105,8 @@ def output_names(model: GraphModule) -> list[str]:
     spec = getattr(info, "out_spec", None)
     if spec is None or spec.is_leaf():
         return ["logits"]
-    if spec.type is dict and all(child.is_leaf() for child in spec.children_specs):
-        return [str(key) for key in spec.context]
+    if spec.type in (dict, OrderedDict) and all(child.is_leaf() for child in spec.children_specs):
+        return [str(key) for key in spec.context]  # torchvision's segmentation models return an OrderedDict
     return [f"output_{i}" for i in range(spec.num_leaves)]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, version_converter
 from onnx.external_data_helper import load_external_data_for_model
+from onnx.reference import ReferenceEvaluator
 
 from ..core.files import write_atomic
 from ..numerics.scheme import Scheme
@@ -192,6 +193,53 @@ def average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, rewritten
 
 
+# Ops of the shape computations torch exports (x.shape[-2:], view sizes); folded when their inputs are known.
+SHAPE_ARITHMETIC = frozenset(
+    "Constant Identity Gather Slice Concat Unsqueeze Squeeze Cast Add Sub Mul Div Neg Abs Floor Ceil Min Max "
+    "Range Reshape Expand ConstantOfShape Equal Where ReduceProd".split()
+)
+
+
+def fold_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace shape arithmetic (Shape, then Gather, Concat, ... on integers) by its constant result.
+
+    With a static batch every shape is known, yet torch's export computes some of them at
+    run time (F.interpolate(size=x.shape[-2:]) in segmentation heads): TIDL runs Shape on
+    the ARM core and refuses a Resize whose sizes are not constant. Only integer and bool
+    tensors are folded, so the Q/DQ of weights stay as they are. Returns (model, nodes folded).
+    """
+    graph = model.graph
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in (*graph.input, *graph.value_info)
+    }
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    keep, folded = [], []
+    for node in graph.node:
+        value = None
+        if node.op_type == "Shape" and None not in shapes.get(node.input[0], [None]):
+            dims = shapes[node.input[0]]
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), len(dims))
+            value = np.array(dims[start:end], np.int64)
+        elif node.op_type in SHAPE_ARITHMETIC and all(name in known for name in node.input if name):
+            feeds = {name: known[name] for name in node.input if name}
+            outputs = ReferenceEvaluator(node).run(None, feeds)
+            if len(outputs) == 1 and np.asarray(outputs[0]).dtype.kind in "iub":
+                value = np.asarray(outputs[0])
+        if value is None or len(node.output) != 1:
+            keep.append(node)
+            continue
+        known[node.output[0]] = value
+        folded.append(numpy_helper.from_array(value, node.output[0]))
+    if folded:
+        used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(t for t in folded if t.name in used)
+    return model, len(folded)
+
+
 # TI validates its ONNX import up to opset 19 (docs/supported_ops_rts_versions.md); int16 Q/DQ
 # needed 21, but the float TIDL model has none left.
 TIDL_OPSET = 18
@@ -225,7 +273,12 @@ def static_model(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     del model.graph.value_info[:]
     # Not strict: an op ONNX cannot infer leaves its tensors without shapes (the import checker
     # reports what TIDL then cannot take) instead of failing the whole export.
-    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model, folded = fold_shapes(model)
+    if folded:  # sizes that were computed are constants now: infer the shapes behind them again
+        del model.graph.value_info[:]
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model
 
 
 def write_deploy_files(
