@@ -1,6 +1,6 @@
 import json
-from collections import OrderedDict
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import onnx
