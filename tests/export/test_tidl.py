@@ -156,6 +156,18 @@ def test_shape_arithmetic_is_folded_into_constants(tmp_path):
     assert ours.shape == (2, 4, 8, 8) and (ours == theirs).all()
 
 
+class Residual(Net):
+    """conv -> ReLU -> conv, added back: an eltwise layer for TIDL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, image):
+        x = torch.relu(self.conv(image))
+        return self.fc((x + self.second(x)).mean((2, 3)))
+
+
 def _implied_range(model: onnx.ModelProto, tensor: str) -> tuple[float, float]:
     """The range the QuantizeLinear reading `tensor` implies, computed from the file alone."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -172,7 +184,7 @@ def test_quant_params_prototxt_holds_every_layer_range(scheme, device, tmp_path)
     x = torch.randn(8, 3, 8, 8)
     if scheme == "mixed":
         scheme = eq.get_scheme("int8").with_high_precision(["conv"])
-    qmodel = eq.PTQModule(Net().eval(), (x,), scheme).calibrate([x], progress=False)
+    qmodel = eq.PTQModule(Residual().eval(), (x,), scheme).calibrate([x], progress=False)
     result = qmodel.export(tmp_path / "m.onnx", device=device)
     opts = json.loads(result.options_path.read_text())
     assert opts["advanced_options:quant_params_proto_path"] == result.quant_params_path.name
@@ -181,12 +193,17 @@ def test_quant_params_prototxt_holds_every_layer_range(scheme, device, tmp_path)
     exported = onnx.load(str(result.path))
     by_name = {layer.layer_name: layer for layer in net.layers}
     assert net.num_layers == len(net.layers)
-    # The input, the conv (+ReLU), the mean (GlobalAveragePool + Flatten in the TIDL model) and the Gemm.
+    # The input, the convs (+ReLU), the residual Add, the mean (GlobalAveragePool + Flatten in
+    # the TIDL model) and the Gemm.
     gemm = next(n for n in exported.graph.node if n.op_type == "Gemm").output[0]
     mean = next(n for n in exported.graph.node if n.op_type == "ReduceMean").output[0]
+    add = next(n for n in exported.graph.node if n.op_type == "Add").output[0]
+    second = next(n for n in exported.graph.node if n.op_type == "Conv" and n.output[0] != "conv2d").output[0]
     expected = {
         "image": ("TIDL_DataLayer", "image"),
         "relu": ("TIDL_ConvolutionLayer", "relu"),
+        second: ("TIDL_ConvolutionLayer", second),
+        add: ("TIDL_EltWiseLayer", add),
         f"{mean}_pooled": ("TIDL_PoolingLayer", mean),  # the pooled tensor has the mean's grid
         mean: ("TIDL_FlattenLayer", mean),
         gemm: ("TIDL_InnerProductLayer", gemm),
