@@ -280,3 +280,22 @@ def test_int16_exports_strip_to_a_valid_float_graph(net, scheme, tmp_path):
     with torch.no_grad():
         reference = model(x[:1]).numpy()
     assert np.abs(out - reference).max() < 1e-2 * np.abs(reference).max()
+
+
+def test_a_model_saved_with_external_data_gets_its_tidl_files(tmp_path, monkeypatch):
+    """Past 2 GB torch keeps the weights in a side file: the TIDL files are written without reading them all."""
+    from edgequant.export import onnx as onnx_export
+
+    save = torch.onnx.ONNXProgram.save
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", lambda self, f, **k: save(self, f, external_data=True))
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # a named temporary, as for a large model
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3))
+    qmodel = eq.PTQModule(model.eval(), (x,)).calibrate([x], progress=False)  # weights big enough to go outside
+    result = qmodel.export(tmp_path / "m.onnx")
+    tidl = onnx.load(str(result.tidl_path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in tidl.graph.initializer)
+    assert result.tidl_check.accelerated == result.tidl_check.nodes > 0
+    ours, theirs = (run_onnx(session(str(p)), (x[:1],))[0] for p in (result.tidl_path, result.path))
+    assert (ours == theirs).all()

@@ -181,8 +181,9 @@ def export_onnx(
     deploy, quantized = write_deploy_files(path, scheme, device, batch)
     check_static(deploy, path, example_inputs, batch)
     # TIDL's import rules on the static model with its Q/DQ (a 16-bit TIDL model itself is
-    # float; facts such as a 16-bit ConvTranspose are read from the Q/DQ).
-    report = tidl_check(quantized, device)
+    # float; facts such as a 16-bit ConvTranspose are read from the Q/DQ). An 8-bit one is
+    # read from its file, which also finds the weights of a model saved with external data.
+    report = tidl_check(deploy.model if deploy.quant_params is None else quantized, device)
     if report.fallback:
         warnings.warn(
             TidlFallbackWarning(f"{report.summary}. print(result.tidl_check) gives each node's rule and fix"),

@@ -213,7 +213,12 @@ def fold_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
         for v in (*graph.input, *graph.value_info)
     }
-    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = OnnxGraph(model).values  # read when used: weights in an external file stay there
+    known: dict[str, np.ndarray] = {}
+
+    def value_of(name: str) -> np.ndarray:
+        return known[name] if name in known else constants[name]
+
     keep, folded = [], []
     for node in graph.node:
         value = None
@@ -222,8 +227,8 @@ def fold_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             start = next((a.i for a in node.attribute if a.name == "start"), 0)
             end = next((a.i for a in node.attribute if a.name == "end"), len(dims))
             value = np.array(dims[start:end], np.int64)
-        elif node.op_type in SHAPE_ARITHMETIC and all(name in known for name in node.input if name):
-            feeds = {name: known[name] for name in node.input if name}
+        elif node.op_type in SHAPE_ARITHMETIC and all(n in known or n in constants for n in node.input if n):
+            feeds = {name: value_of(name) for name in node.input if name}
             outputs = ReferenceEvaluator(node).run(None, feeds)
             if len(outputs) == 1 and np.asarray(outputs[0]).dtype.kind in "iub":
                 value = np.asarray(outputs[0])

@@ -160,6 +160,9 @@ class _Constants(Mapping):
             self._arrays[name] = onnx.numpy_helper.to_array(self._protos[name])
         return self._arrays[name]
 
+    def __contains__(self, name: object) -> bool:  # without reading the value (Mapping's default would)
+        return name in self._protos
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._protos)
 
