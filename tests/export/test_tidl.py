@@ -178,7 +178,10 @@ def _implied_range(model: onnx.ModelProto, tensor: str) -> tuple[float, float]:
     return (qmin - zp) * scale, (qmax - zp) * scale
 
 
-@pytest.mark.parametrize(("scheme", "device"), [("int16", "AM68A"), ("int16_pow2", "TDA4VM"), ("mixed", "AM68A")])
+@pytest.mark.parametrize(
+    ("scheme", "device"),
+    [("int16", "AM68A"), pytest.param("int16_pow2", "TDA4VM", marks=pytest.mark.slow), ("mixed", "AM68A")],
+)
 def test_quant_params_prototxt_holds_every_layer_range(scheme, device, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
@@ -266,6 +269,7 @@ class SqueezeExcite(torch.nn.Module):
         return self.classifier((x * gate).mean((2, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int16", "int16_pow2"])
 @pytest.mark.parametrize("net", [Net, SqueezeExcite])
 def test_int16_exports_strip_to_a_valid_float_graph(net, scheme, tmp_path):

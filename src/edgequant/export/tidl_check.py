@@ -67,18 +67,26 @@ class Context:
                 )
         lookups = OnnxGraph(model)
         self.producer, self.consumers = lookups.producer, lookups.consumers
-        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for node in graph.node:  # topological order: a DQ sees the constants made before it
-            value = self._fold(node)
-            if value is not None:
-                self.consts[node.output[0]] = value
+        self._values = lookups.values  # initializers and Constants, read when first asked for
+        self._initializers = {t.name: tuple(t.dims) for t in graph.initializer}
+        # Tensors computed from constants only (a Constant, an Identity or a DQ of one), in
+        # topological order; their values are computed when a rule asks.
+        self._derived: dict[str, onnx.NodeProto] = {}
+        self._folded: dict[str, np.ndarray | None] = {}
+        for node in graph.node:
+            foldable = node.op_type == "Constant" or (
+                node.op_type in ("Identity", "DequantizeLinear")
+                and all(self.is_const(name) for name in node.input if name)
+            )
+            if foldable and node.output:
+                self._derived[node.output[0]] = node
 
     def _fold(self, node: onnx.NodeProto) -> np.ndarray | None:
         """The value of a Constant, of an Identity of a constant, or of a DQ of a constant."""
         if node.op_type == "Constant":
             attr = node.attribute[0]
             return numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(self.attr(node, attr.name))
-        args = [self.consts.get(name) for name in node.input]
+        args = [self.const(name) for name in node.input]
         if node.op_type == "Identity":
             return args[0]
         if node.op_type != "DequantizeLinear" or any(a is None for a in args) or args[1].ndim > 1:
@@ -102,13 +110,24 @@ class Context:
         return default
 
     def const(self, name: str) -> np.ndarray | None:
-        return self.consts.get(name)
+        if name in self._initializers:
+            return self._values[name]
+        if name not in self._derived:
+            return None
+        if name not in self._folded:
+            self._folded[name] = self._fold(self._derived[name])
+        return self._folded[name]
 
     def is_const(self, name: str) -> bool:
-        return name in self.consts
+        return name in self._initializers or name in self._derived
 
     def shape(self, name: str) -> Shape | None:
-        value = self.consts.get(name)
+        if name in self._initializers:  # from the proto: a weight's shape without reading it
+            return self._initializers[name]
+        node = self._derived.get(name)
+        if node is not None and node.op_type != "Constant":  # DQ and Identity keep their input's shape
+            return self.shape(node.input[0])
+        value = self.const(name) if node is not None else None
         return tuple(value.shape) if value is not None else self.shapes.get(name)
 
     def variables(self, node: onnx.NodeProto) -> list[str]:
@@ -121,8 +140,8 @@ class Context:
         if dq is None or dq.op_type != "DequantizeLinear":
             return None
         for source in (dq.input[0], *dq.input[2:3]):
-            if source in self.consts:
-                return self.consts[source].dtype
+            if source in self._initializers:
+                return np.dtype(helper.tensor_dtype_to_np_dtype(self._values.dtype(source)))
         elem = self.types.get(dq.input[0])
         return helper.tensor_dtype_to_np_dtype(elem) if elem else None
 

@@ -160,6 +160,10 @@ class _Constants(Mapping):
             self._arrays[name] = onnx.numpy_helper.to_array(self._protos[name])
         return self._arrays[name]
 
+    def dtype(self, name: str) -> int:
+        """The ONNX element type of a constant, without reading its value."""
+        return self._protos[name].data_type
+
     def __contains__(self, name: object) -> bool:  # without reading the value (Mapping's default would)
         return name in self._protos
 
