@@ -30,7 +30,7 @@ from onnx.reference import ReferenceEvaluator
 from ..core.files import write_atomic
 from ..numerics.scheme import Scheme
 from .devices import Device
-from .tidl_params import OnnxGraph, quant_params, to_text
+from .tidl_params import OnnxGraph, dequantize, quant_params, to_text
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,8 @@ def strip_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _dequantized(graph: OnnxGraph, node: onnx.NodeProto) -> np.ndarray:
     grid = graph.grid(node)
-    q = graph.values[node.input[0]].astype(np.float64)
-    scale, zp = grid.scale.astype(np.float64), grid.zero_point.astype(np.float64)
-    if scale.size > 1:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((q - zp) * scale).astype(np.float32)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return dequantize(graph.values[node.input[0]], grid.scale, grid.zero_point, axis)
 
 
 def average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from ..core.errors import UsageError
 from .devices import Device, get_device
-from .tidl_params import OnnxGraph
+from .tidl_params import OnnxGraph, dequantize
 
 DOC = "docs/supported_ops_rts_versions.md"
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -91,13 +91,7 @@ class Context:
             return args[0]
         if node.op_type != "DequantizeLinear" or any(a is None for a in args) or args[1].ndim > 1:
             return None
-        x, scale = args[0].astype(np.float32), args[1].astype(np.float32)
-        zero = args[2].astype(np.float32) if len(args) > 2 else np.float32(0)
-        if scale.ndim == 1:  # per channel along `axis`
-            shape = [1] * x.ndim
-            shape[self.attr(node, "axis", 1) % x.ndim] = -1
-            scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim else zero
-        return (x - zero) * scale
+        return dequantize(args[0], args[1], args[2] if len(args) > 2 else None, self.attr(node, "axis", 1))
 
     def attr(self, node: onnx.NodeProto, name: str, default: object = None) -> object:
         """An attribute's value (strings decoded, lists as tuples), or `default`."""

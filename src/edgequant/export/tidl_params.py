@@ -119,6 +119,17 @@ _ELEMENT_TYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.uint1
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
+    """DequantizeLinear on constants: (q - zero_point) * scale, per channel along `axis` for 1-D scales."""
+    scale = np.asarray(scale, np.float64)
+    zero = np.zeros_like(scale) if zero_point is None else np.asarray(zero_point, np.float64)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Grid:
     """One Q/DQ's grid: scale and zero point (per tensor or per channel) and integer type."""
