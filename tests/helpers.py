@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torchvision
 from hypothesis import settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -37,9 +38,19 @@ class FloatNormNet(torch.nn.Module):
         return self.fc(self.norm(x).softmax(-1))
 
 
+def tiny_densenet() -> torch.nn.Module:
+    """torchvision's DenseNet, two blocks deep: BN with no conv before it (pre-activation) in every layer."""
+    torch.manual_seed(0)
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=10)
+
+
+# Small test models by name, next to the torchvision names that `warmed_model` takes.
+TEST_MODELS = {"tiny_densenet": tiny_densenet}
+
+
 def warmed_model(name: str, data: torch.Tensor, steps: int = 4) -> torch.nn.Module:
     """A random-init model whose BN statistics have seen real data, as after training."""
-    model = build_model(name)
+    model = TEST_MODELS[name]() if name in TEST_MODELS else build_model(name)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.momentum = None  # exact running averages over the warm-up batches

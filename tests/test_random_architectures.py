@@ -1,8 +1,8 @@
 """Property tests on generated conv nets: PTQ -> QDQ ONNX export -> onnxruntime parity.
 
 The hand-written parity tests cover a few fixed models; the op vocabulary here (conv + BN + ReLU/ReLU6,
-depthwise convs, residual adds, concatenated branches, max/avg pools, nearest upsampling, a linear or conv
-head) combines into graphs nobody wrote by hand. For each generated net:
+depthwise convs, residual adds, concatenated branches, max/avg pools, nearest upsampling, BN with no conv
+before it, a linear or conv head) combines into graphs nobody wrote by hand. For each generated net:
 
 - int8_pow2: onnxruntime on the exported file equals the integer model bit for bit (max |diff| == 0),
   both in export's own check and when we run the file ourselves on fresh inputs;
@@ -92,6 +92,13 @@ class Up:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """BN with no conv before it (DenseNet's pre-activation), then an optional activation."""
+
+    act: str | None = "relu"
+
+
+@dataclass(frozen=True)
 class LinearHead:
     """Global average pool + Linear."""
 
@@ -105,7 +112,7 @@ class ConvHead:
     out: int
 
 
-Layer = Conv | DWConv | Residual | Cat | Pool | Up
+Layer = Conv | DWConv | Residual | Cat | Pool | Up | Norm
 Head = LinearHead | ConvHead
 
 
@@ -186,6 +193,8 @@ def _block(channels: int, spec: Layer) -> tuple[nn.Module, int]:
         return pool(spec.k, stride, padding), channels
     if isinstance(spec, Up):
         return (_Interpolate() if spec.functional else nn.Upsample(scale_factor=2, mode="nearest")), channels
+    if isinstance(spec, Norm):
+        return nn.Sequential(nn.BatchNorm2d(channels), _act(spec.act)), channels
     raise TypeError(spec)
 
 
@@ -249,7 +258,7 @@ def net_specs(draw: st.DrawFn, max_layers: int = 5) -> NetSpec:
     shape = (batch, channels, size, size)
     layers: list[Layer] = []
     for _ in range(draw(st.integers(1, max_layers))):
-        kinds = ["conv", "dw", "residual", "cat"]
+        kinds = ["conv", "dw", "residual", "cat", "norm"]
         if size >= 4:
             kinds += ["pool", "strided"]
         if size <= 16:
@@ -268,6 +277,8 @@ def net_specs(draw: st.DrawFn, max_layers: int = 5) -> NetSpec:
             size = (size - 1) // stride + 1  # padding k // 2: the same for k = 1 and 3
         elif kind == "dw":
             layer = DWConv(draw(st.sampled_from([3, 5])), 1, draw(st.booleans()), draw(st.sampled_from(ACTS)))
+        elif kind == "norm":
+            layer = Norm(draw(st.sampled_from(ACTS)))
         elif kind == "residual":
             layer = Residual(draw(st.sampled_from([3, 1])), draw(st.sampled_from(ACTS)))
         elif kind == "cat":
@@ -380,7 +391,16 @@ def test_strategy_builds_nets_that_run() -> None:
     """The generator itself: specs of every kind build, warm (BN not identity) and run at their input shape."""
     spec = NetSpec(
         (2, 3, 12, 12),
-        (Conv(6), DWConv(), Residual(), Cat(2, 3, identity=True), Pool("avg", 3), Up(functional=True), Pool()),
+        (
+            Conv(6),
+            DWConv(),
+            Residual(),
+            Cat(2, 3, identity=True),
+            Pool("avg", 3),
+            Norm(),
+            Up(functional=True),
+            Pool(),
+        ),
         LinearHead(5),
         seed=1,
     )

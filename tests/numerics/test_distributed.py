@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import edgequant as eq
 from edgequant.graph.batchnorm import fuse_conv_bn_for_qat, set_graph_training
 from edgequant.graph.capture import capture
-from edgequant.graph.ops import BN_OP, FUSED_BN_OP
+from edgequant.graph.ops import BN_OP, ENGINE_BN_OP, FUSED_BN_OP
 from edgequant.numerics import distributed
 
 from ..helpers import run_qat_resume_script
@@ -306,7 +306,7 @@ def test_sync_bn_is_swapped_in_for_training_only_and_is_plain_bn_in_one_process(
     sync = {distributed.batch_norm, distributed.native_batch_norm_legit}
 
     def bn_targets(graph_module: torch.fx.GraphModule) -> set:
-        return {n.target for n in graph_module.graph.nodes if n.target in {BN_OP, FUSED_BN_OP, *sync}}
+        return {n.target for n in graph_module.graph.nodes if n.target in {BN_OP, FUSED_BN_OP, ENGINE_BN_OP, *sync}}
 
     set_graph_training(gm, dropout=True, batchnorm=True, sync_bn=True)
     set_graph_training(local, dropout=True, batchnorm=True)
@@ -315,7 +315,7 @@ def test_sync_bn_is_swapped_in_for_training_only_and_is_plain_bn_in_one_process(
     assert torch.equal(gm(x), local(x))
     assert all(torch.equal(a, b) for a, b in zip(gm.buffers(), local.buffers(), strict=True))
     set_graph_training(gm, dropout=False, batchnorm=False, sync_bn=True)
-    assert bn_targets(gm) == {BN_OP, FUSED_BN_OP}
+    assert bn_targets(gm) == {ENGINE_BN_OP, FUSED_BN_OP}  # eval: the standalone BN with onnxruntime's roundings
 
 
 @pytest.mark.slow

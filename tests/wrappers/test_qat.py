@@ -180,7 +180,11 @@ def _eval_equals_convert(qmodel, x) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, scheme",
-    [*((name, "int8_pow2") for name in ZOO), ("resnet18", "int8"), ("regnet_x_400mf", "int16")],
+    [
+        *((name, "int8_pow2") for name in (*ZOO, "tiny_densenet")),
+        ("resnet18", "int8"),
+        ("regnet_x_400mf", "int16"),
+    ],
 )
 def test_eval_is_the_integer_model_at_every_point_of_training(name, scheme, digits_train, digits_test, tmp_path):
     x, y = digits_train

@@ -92,7 +92,7 @@ def flatten_outputs(model: GraphModule) -> GraphModule:
     out_spec = getattr(info, "out_spec", None)
     if out_spec is None or out_spec.is_leaf():
         return model
-    if out_spec.type in (tuple, list) and all(child.is_leaf() for child in out_spec.children_specs):
+    if out_spec.type in (tuple, list) and all(child.is_leaf() for child in out_spec.children()):
         return model
     model.graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(info.orig_args, info.in_spec, None))
     model.recompile()
@@ -105,7 +105,7 @@ def output_names(model: GraphModule) -> list[str]:
     spec = getattr(info, "out_spec", None)
     if spec is None or spec.is_leaf():
         return ["logits"]
-    if spec.type in (dict, OrderedDict) and all(child.is_leaf() for child in spec.children_specs):
+    if spec.type in (dict, OrderedDict) and all(child.is_leaf() for child in spec.children()):
         return [str(key) for key in spec.context]  # torchvision's segmentation models return an OrderedDict
     return [f"output_{i}" for i in range(spec.num_leaves)]
 

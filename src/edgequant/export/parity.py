@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_leaves
 
 from ..core.errors import EdgequantError, ParityDriftWarning
+from ..graph.batchnorm import aten_bn, set_graph_training
 from ..graph.ops import DQ_OPS, EXACT_OPS, Q_OPS, module_name
 from ..numerics.scales import is_power_of_2
 from .runtime import run_onnx, session
@@ -269,8 +270,10 @@ def reexport(
     graph are carried over to its quantize nodes, which appear in the same order.
     """
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(converted, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+    with aten_bn(converted):
+        program = torch.export.export(converted, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
     reference = program.module()
+    set_graph_training(reference, dropout=False, batchnorm=False)
     ours = [n for n in converted.graph.nodes if n.target in Q_OPS]
     theirs = [n for n in reference.graph.nodes if n.target in Q_OPS]
     if len(ours) == len(theirs):

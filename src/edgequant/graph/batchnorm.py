@@ -15,16 +15,29 @@ rewrite resets them to 1e-5 / 0.1), and no extra pass over activations is needed
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .ops import BN_OP, BN_OPS, CONV_OPS, DROPOUT_OPS, FUSED_BN_OP, SYNC_BN_OPS, constant, module_name
+from .ops import (
+    BN_OP,
+    BN_OPS,
+    CONV_OPS,
+    DROPOUT_OPS,
+    ENGINE_BN_OP,
+    FUSED_BN_OP,
+    STANDALONE_BN_OPS,
+    SYNC_BN_OPS,
+    constant,
+    module_name,
+)
 
 aten = torch.ops.aten
 
-_LOCAL_BN_OPS = {sync: local for local, sync in SYNC_BN_OPS.items()}
+_LOCAL_BN_OPS = {ENGINE_BN_OP: BN_OP} | {sync: local for local, sync in SYNC_BN_OPS.items()}
 # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 _BN_TRAINING = 5
 FUSED_TAG = "edgequant_fused_bn"
@@ -80,7 +93,7 @@ def conv_bn_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
     """(conv, BN) pairs of a captured graph where the BN reads only that conv's output."""
     pairs = []
     for bn in gm.graph.nodes:
-        conv = bn.args[0] if bn.target == BN_OP else None
+        conv = bn.args[0] if bn.target in STANDALONE_BN_OPS else None
         if isinstance(conv, Node) and conv.target in CONV_OPS and len(conv.users) == 1:
             pairs.append((conv, bn))
     return pairs
@@ -232,14 +245,17 @@ def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool, sync_bn:
 
     Only the `training` literal is edited, so eps and momentum stay as exported.
     With `sync_bn`, training-mode BN nodes call the cross-rank versions in
-    `distributed.py`; in eval mode BN is always the aten op, so convert and export
-    never see them.
+    `distributed.py`, so convert and export never see them. In eval mode a BN with no
+    conv before it calls `numerics.batchnorm` (onnxruntime's roundings).
     """
     changed = False
     for node in gm.graph.nodes:
         if node.target in BN_OPS:
             local = _LOCAL_BN_OPS.get(node.target, node.target)
-            target = SYNC_BN_OPS[local] if batchnorm and sync_bn else local
+            if batchnorm:
+                target = SYNC_BN_OPS[local] if sync_bn else local
+            else:
+                target = ENGINE_BN_OP if local == BN_OP else local
             if node.target != target:
                 node.target = target
                 changed = True
@@ -256,6 +272,33 @@ def set_graph_training(gm: GraphModule, dropout: bool, batchnorm: bool, sync_bn:
                 changed = True
     if changed:
         gm.recompile()
+
+
+def use_aten_bn(gm: GraphModule) -> list[Node]:
+    """Point eval-mode standalone BN nodes back at aten's op, for torch.export; return them.
+
+    torch.export would trace `numerics.batchnorm` into its float64 arithmetic, where
+    aten's op exports as one BatchNormalization (which onnxruntime computes the same way).
+    """
+    nodes = [node for node in gm.graph.nodes if node.target == ENGINE_BN_OP]
+    for node in nodes:
+        node.target = BN_OP
+    if nodes:
+        gm.recompile()
+    return nodes
+
+
+@contextmanager
+def aten_bn(gm: GraphModule) -> Iterator[None]:
+    """`use_aten_bn` for the duration of a torch.export, then the engine's arithmetic again."""
+    nodes = use_aten_bn(gm)
+    try:
+        yield
+    finally:
+        for node in nodes:
+            node.target = ENGINE_BN_OP
+        if nodes:
+            gm.recompile()
 
 
 def fold_bn(gm: GraphModule) -> int:

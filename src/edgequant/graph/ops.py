@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..numerics import distributed
+from ..numerics import batchnorm, distributed
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -34,7 +34,10 @@ BN_OP = aten.batch_norm.default
 FUSED_BN_OP = aten._native_batch_norm_legit.default
 # Under DDP, training-mode BN nodes call these instead: same arguments, statistics over all ranks.
 SYNC_BN_OPS = {BN_OP: distributed.batch_norm, FUSED_BN_OP: distributed.native_batch_norm_legit}
-BN_OPS = (BN_OP, FUSED_BN_OP, *SYNC_BN_OPS.values())
+# In eval mode a BN with no conv before it calls this instead: same arguments, onnxruntime's roundings.
+ENGINE_BN_OP = batchnorm.batch_norm
+STANDALONE_BN_OPS = (BN_OP, ENGINE_BN_OP)
+BN_OPS = (BN_OP, FUSED_BN_OP, ENGINE_BN_OP, *SYNC_BN_OPS.values())
 DROPOUT_OPS = (aten.dropout.default, aten.dropout_.default)
 
 # --- activations ---------------------------------------------------------------------
@@ -65,7 +68,7 @@ REQUANT_OPS = (
     aten.gelu.default,
     aten.upsample_bilinear2d.vec,
     aten.upsample_nearest2d.vec,
-    BN_OP,  # a BN with no conv before it (pre-activation blocks): the engine's scale layer
+    *STANDALONE_BN_OPS,  # a BN with no conv before it (pre-activation blocks): the engine's scale layer
     *FUSED_ACTIVATIONS,
 )
 # Ops whose output keeps the input's quantization (the values are a subset of the input's).
@@ -114,8 +117,9 @@ MOVEMENT_OPS = (
 Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
 # Float ops that torch and onnxruntime compute to the same bits on dequantized int8
-# power-of-2 values: integer sums far below 2**24, comparisons, data movement and the
-# pools and means whose rescale both sides round at the next quantizer. Anything else
+# power-of-2 values: integer sums far below 2**24, comparisons, data movement, the
+# pools and means whose rescale both sides round at the next quantizer, and BN as
+# onnxruntime computes it. Anything else
 # (layer norm, softmax, GELU, ...) computes in float with implementation-specific rounding.
 EXACT_OPS = frozenset(
     {
@@ -132,6 +136,7 @@ EXACT_OPS = frozenset(
         aten.adaptive_avg_pool2d.default,
         aten.avg_pool2d.default,
         aten.mean.dim,
+        ENGINE_BN_OP,  # standalone BN computed with onnxruntime's roundings (numerics/batchnorm.py)
         # nearest upsampling copies values: exact (bilinear interpolates in float and is not)
         aten.upsample_nearest2d.default,
         aten.upsample_nearest2d.vec,

@@ -18,7 +18,7 @@ from ..core.errors import NonFiniteError, NotCalibratedError, UsageError
 from ..core.records import record, record_fields
 from ..export.devices import Device
 from ..graph.adaround import adaround
-from ..graph.batchnorm import fold_bn, reestimate_bn, set_graph_training, zero_dead_channels
+from ..graph.batchnorm import fold_bn, reestimate_bn, set_graph_training, use_aten_bn, zero_dead_channels
 from ..graph.bias_correction import correct_biases
 from ..graph.capture import capture
 from ..graph.clipping import clip_weights
@@ -357,6 +357,7 @@ class PTQModule(QuantWrapper):
                         delattr(graph, arg.target)
                         graph.register_parameter(arg.target, nn.Parameter(value.detach().clone()))
         graph.graph.eliminate_dead_code()
+        use_aten_bn(graph)  # a plain torch graph again: QAT captures it with torch.export
         graph.recompile()
         for attr in ("train", "eval"):
             graph.__dict__.pop(attr, None)
