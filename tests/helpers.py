@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -41,7 +42,78 @@ class FloatNormNet(torch.nn.Module):
 def tiny_densenet() -> torch.nn.Module:
     """torchvision's DenseNet, two blocks deep: BN with no conv before it (pre-activation) in every layer."""
     torch.manual_seed(0)
-    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=10)
+    return torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=10
+    )
+
+
+class TinyBackbone(torch.nn.Module):
+    """Three conv+BN+ReLU stages of stride 2 whose outputs are the pyramid levels (as torchvision's FPN returns)."""
+
+    def __init__(self, channels: int = 16, levels: int = 3) -> None:
+        super().__init__()
+        self.out_channels = channels
+        stages, cin = [], 3
+        for _ in range(levels + 1):
+            stages.append(
+                torch.nn.Sequential(
+                    torch.nn.Conv2d(cin, channels, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(channels), torch.nn.ReLU()
+                )
+            )
+            cin = channels
+        self.stages = torch.nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stages[0](x)
+        levels = OrderedDict()
+        for i, stage in enumerate(self.stages[1:]):
+            x = stage(x)
+            levels[str(i)] = x
+        return levels
+
+
+def tiny_detector(
+    family: str, size: int = 64, classes: int = 11, warm: torch.Tensor | None = None, **kwargs: object
+) -> torch.nn.Module:
+    """A small torchvision SSD, RetinaNet or FCOS at `size` x `size` (levels at strides 4, 8, 16), in eval mode.
+
+    Anchors are ones TIDL's prototxt expresses exactly (whole-pixel half-extents, no clipping).
+    BN statistics come from `warm` images (default: uniform noise).
+    """
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+
+    torch.manual_seed(0)
+    backbone = TinyBackbone(32 if family == "fcos" else 16)  # FCOS's head normalizes in 32 groups
+    fixed = {"min_size": size, "max_size": size}
+    if family == "ssd":
+        boxes = DefaultBoxGenerator([[2], [2], [2]], scales=[0.25, 0.5, 0.75, 1.0], clip=False)
+        backbone.out_channels = [backbone.out_channels] * 3  # SSD takes one count per level
+        model = SSD(backbone, boxes, (size, size), classes, **kwargs)
+    elif family == "retinanet":
+        anchors = AnchorGenerator(((16,), (32,), (64,)), ((0.25, 1.0, 4.0),) * 3)
+        model = RetinaNet(backbone, classes, anchor_generator=anchors, **fixed, **kwargs)
+    else:
+        anchors = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)
+        model = FCOS(backbone, classes, anchor_generator=anchors, **fixed, **kwargs)
+    with torch.no_grad():  # spread the head's outputs: distinct scores, not torchvision's uniform prior
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0.0, 0.1)
+                module.bias.normal_(0.0, 0.5)
+        if family != "ssd":  # sigmoid scores: most anchors are background
+            model.head.classification_head.cls_logits.bias.sub_(4.0)
+    warm = torch.rand(8, 3, size, size) if warm is None else warm
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # the exact statistics of the warm-up batch
+    model.train()
+    with torch.no_grad():
+        model.backbone(model.transform(list(warm))[0].tensors)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
 
 
 # Small test models by name, next to the torchvision names that `warmed_model` takes.

@@ -14,6 +14,7 @@ from .core.errors import (  # noqa: E402
     EdgequantWarning,
     InitialRangesWarning,
     InputShapeError,
+    MetaArchWarning,
     NonFiniteError,
     NotCalibratedError,
     ParityDriftWarning,
@@ -31,6 +32,7 @@ from .graph.capture import CaptureError  # noqa: E402
 from .numerics import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
 from .numerics.scheme import PRESETS, Scheme, get_scheme  # noqa: E402
 from .wrappers.checkpoint import CheckpointError  # noqa: E402
+from .wrappers.detection import DetectionModule  # noqa: E402
 from .wrappers.ptq import PTQConfig, PTQModule  # noqa: E402
 from .wrappers.qat import QATConfig, QATModule  # noqa: E402
 from .wrappers.schedule import FreezeSchedule  # noqa: E402
@@ -41,6 +43,7 @@ __all__ = [
     "CaptureError",
     "CaptureWarning",
     "CheckpointError",
+    "DetectionModule",
     "EdgequantError",
     "EdgequantWarning",
     "ExportResult",
@@ -48,6 +51,7 @@ __all__ = [
     "FreezeSchedule",
     "InitialRangesWarning",
     "InputShapeError",
+    "MetaArchWarning",
     "NonFiniteError",
     "NotCalibratedError",
     "PTQConfig",

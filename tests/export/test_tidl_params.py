@@ -3,7 +3,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.export.tidl_params import Grid, parse, quant_params, to_text
+from edgequant.export.prototxt import to_text
+from edgequant.export.tidl_params import Grid, parse, quant_params
 
 
 def test_grid_range_by_hand():

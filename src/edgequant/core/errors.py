@@ -76,3 +76,7 @@ class ParityDriftWarning(EdgequantWarning):
 
 class TidlFallbackWarning(EdgequantWarning):
     """Some nodes of an exported model break TIDL's import rules: TIDL will run them on the ARM core."""
+
+
+class MetaArchWarning(EdgequantWarning):
+    """A detector's TIDL post-processing (meta-architecture prototxt) would not reproduce torchvision's."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from google.protobuf.message import Message
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
@@ -38,6 +39,9 @@ class ExportResult:
     device: Device
     deploy: DeployFiles
     tidl_check: TidlCheckReport
+    # For a detector: whether TIDL's post-processing, as the prototxt describes it, finds
+    # the detections torchvision finds on the exported heads' outputs.
+    detection_check: str | None = None
 
     @property
     def options_path(self) -> Path:
@@ -53,11 +57,10 @@ class ExportResult:
 
     def __str__(self) -> str:
         files = [self.tidl_path.name, self.options_path.name]
-        if self.quant_params_path is not None:
-            files.append(self.quant_params_path.name)
+        files += [p.name for p in (self.quant_params_path, self.deploy.meta_arch) if p is not None]
         return (
             f"wrote {self.path} (opset {self.opset}) and, for {self.device.name}, {', '.join(files)}; {self.parity}\n"
-            f"{self.tidl_check.summary}"
+            f"{self.tidl_check.summary}" + (f"\n{self.detection_check}" if self.detection_check else "")
         )
 
 
@@ -141,11 +144,13 @@ def export_onnx(
     opset: int | None = None,
     eval_outputs: object = None,
     batch: int = 1,
+    meta_arch: Message | None = None,
 ) -> ExportResult:
     """Export with a dynamic batch, check it in onnxruntime, then move it into place.
 
     Next to it go the files TIDL takes for `device` (see `tidl.py`): the model with a
-    static `batch`, checked in onnxruntime too, its options and, for 16-bit layers, our ranges.
+    static `batch`, checked in onnxruntime too, its options and, for 16-bit layers, our ranges;
+    for a detector, the `meta_arch` prototxt of its post-processing (see `meta_arch.py`).
 
     The file is written under a temporary name and renamed only after the parity
     check passes, so an interrupted or rejected export never clobbers a good file.
@@ -178,7 +183,7 @@ def export_onnx(
             rejected = path.with_name(f"{path.stem}.rejected.onnx")
             keep_as(tmp, rejected)
             raise ParityError(f"{error}\nThe rejected file is kept at {rejected}.") from None
-    deploy, quantized = write_deploy_files(path, scheme, device, batch)
+    deploy, quantized = write_deploy_files(path, scheme, device, batch, meta_arch)
     check_static(deploy, path, example_inputs, batch)
     # TIDL's import rules on the static model with its Q/DQ (a 16-bit TIDL model itself is
     # float; facts such as a 16-bit ConvTranspose are read from the Q/DQ). An 8-bit one is

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, numpy_helper, version_converter
 from onnx.external_data_helper import load_external_data_for_model
 from onnx.reference import ReferenceEvaluator
@@ -30,7 +31,9 @@ from onnx.reference import ReferenceEvaluator
 from ..core.files import write_atomic
 from ..numerics.scheme import Scheme
 from .devices import Device
-from .tidl_params import OnnxGraph, dequantize, quant_params, to_text
+from .meta_arch import META_ARCH_TYPES, kind_of
+from .prototxt import to_text
+from .tidl_params import OnnxGraph, dequantize, quant_params
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class DeployFiles:
     options: Path
     model: Path
     quant_params: Path | None
+    meta_arch: Path | None = None  # a detector's post-processing (meta_arch.py)
 
 
 def layers(model: onnx.ModelProto) -> list[Layer]:
@@ -281,9 +285,9 @@ def static_model(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
 
 
 def write_deploy_files(
-    onnx_path: Path, scheme: Scheme, device: Device, batch: int = 1
+    onnx_path: Path, scheme: Scheme, device: Device, batch: int = 1, meta_arch: Message | None = None
 ) -> tuple[DeployFiles, onnx.ModelProto]:
-    """Write the TIDL model, options and (for 16-bit layers) our ranges next to `onnx_path`.
+    """Write the TIDL model, options, (for 16-bit layers) our ranges and a detector's prototxt next to `onnx_path`.
 
     Also returns the static model with its Q/DQ, as TIDL's import rules should see it
     (for an 8-bit model, the TIDL model itself).
@@ -305,6 +309,12 @@ def write_deploy_files(
     tidl_path = onnx_path.with_name(f"{onnx_path.stem}.tidl.onnx")
     write_atomic(tidl_path, model.SerializeToString())
     opts = options(device, scheme, model_layers, params_path.name if params_path else None)
+    meta_path = None
+    if meta_arch is not None:
+        meta_path = onnx_path.with_name(f"{onnx_path.stem}.meta_arch.prototxt")
+        write_atomic(meta_path, to_text(meta_arch).encode())
+        opts["object_detection:meta_arch_type"] = META_ARCH_TYPES[kind_of(meta_arch)]
+        opts["object_detection:meta_layers_names_list"] = meta_path.name
     options_path = onnx_path.with_name(f"{onnx_path.stem}.options.json")
     write_atomic(options_path, (json.dumps(opts, indent=2) + "\n").encode())
-    return DeployFiles(options_path, tidl_path, params_path), quantized
+    return DeployFiles(options_path, tidl_path, params_path, meta_path), quantized

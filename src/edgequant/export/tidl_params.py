@@ -23,59 +23,41 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from google.protobuf import descriptor_pb2, message_factory, text_format
+
+from . import prototxt
+from .prototxt import F, message_classes
 
 # The message definition from docs/tidl_quantParams.md, built in code (no protoc at run time).
-_F = descriptor_pb2.FieldDescriptorProto
 _FIELDS = {
     "TIDLNetQuantParams": [
-        ("num_layers", 1, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None),
-        ("quant_type", 2, _F.TYPE_ENUM, _F.LABEL_OPTIONAL, ".tidl_quant_params.TidlQuantType"),
-        ("calib_type", 3, _F.TYPE_ENUM, _F.LABEL_OPTIONAL, ".tidl_quant_params.TidlCalibType"),
-        ("layers", 4, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".tidl_quant_params.TidlLayerQuantParams"),
+        ("num_layers", 1, F.TYPE_INT32, F.LABEL_OPTIONAL, None),
+        ("quant_type", 2, F.TYPE_ENUM, F.LABEL_OPTIONAL, "TidlQuantType"),
+        ("calib_type", 3, F.TYPE_ENUM, F.LABEL_OPTIONAL, "TidlCalibType"),
+        ("layers", 4, F.TYPE_MESSAGE, F.LABEL_REPEATED, "TidlLayerQuantParams"),
     ],
     "TidlLayerQuantParams": [
-        ("layer_name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
-        ("layer_type", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
-        ("bit_depth", 3, _F.TYPE_UINT32, _F.LABEL_OPTIONAL, None),
+        ("layer_name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, None),
+        ("layer_type", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, None),
+        ("bit_depth", 3, F.TYPE_UINT32, F.LABEL_OPTIONAL, None),
         *(
-            (name, number, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".tidl_quant_params.TidlTensorQuantParams")
+            (name, number, F.TYPE_MESSAGE, F.LABEL_REPEATED, "TidlTensorQuantParams")
             for name, number in (("outputs", 4), ("weights", 5), ("bias", 6), ("slope", 7))
         ),
     ],
     "TidlTensorQuantParams": [
-        ("min", 1, _F.TYPE_FLOAT, _F.LABEL_OPTIONAL, None),
-        ("max", 2, _F.TYPE_FLOAT, _F.LABEL_OPTIONAL, None),
-        ("size", 3, _F.TYPE_UINT32, _F.LABEL_OPTIONAL, None),
-        ("element_type", 4, _F.TYPE_UINT32, _F.LABEL_OPTIONAL, None),
-        ("scale", 5, _F.TYPE_DOUBLE, _F.LABEL_REPEATED, None),
-        ("zero_point", 6, _F.TYPE_UINT32, _F.LABEL_REPEATED, None),
-        ("value", 7, _F.TYPE_DOUBLE, _F.LABEL_REPEATED, None),
+        ("min", 1, F.TYPE_FLOAT, F.LABEL_OPTIONAL, None),
+        ("max", 2, F.TYPE_FLOAT, F.LABEL_OPTIONAL, None),
+        ("size", 3, F.TYPE_UINT32, F.LABEL_OPTIONAL, None),
+        ("element_type", 4, F.TYPE_UINT32, F.LABEL_OPTIONAL, None),
+        ("scale", 5, F.TYPE_DOUBLE, F.LABEL_REPEATED, None),
+        ("zero_point", 6, F.TYPE_UINT32, F.LABEL_REPEATED, None),
+        ("value", 7, F.TYPE_DOUBLE, F.LABEL_REPEATED, None),
     ],
 }
 _ENUMS = {"TidlQuantType": {"SYMMETRIC": 1, "ASYMMETRIC": 2}, "TidlCalibType": {"PERTENSOR": 1, "PERCHANNEL": 2}}
+_CLASSES = message_classes("tidl_quant_params", _FIELDS, _ENUMS)
+NetQuantParams = _CLASSES["TIDLNetQuantParams"]
 
-
-def _message_classes() -> dict[str, type]:
-    file = descriptor_pb2.FileDescriptorProto(name="edgequant_tidl_quant_params.proto", package="tidl_quant_params")
-    file.syntax = "proto2"
-    for name, values in _ENUMS.items():
-        enum = file.enum_type.add(name=name)
-        for value_name, number in values.items():
-            enum.value.add(name=value_name, number=number)
-    for name, fields in _FIELDS.items():
-        message = file.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            field = message.field.add(name=field_name, number=number, type=kind, label=label)
-            if type_name:
-                field.type_name = type_name
-            if kind == _F.TYPE_DOUBLE and label == _F.LABEL_REPEATED:
-                field.options.packed = True
-    return message_factory.GetMessages([file])
-
-
-_CLASSES = _message_classes()
-NetQuantParams = _CLASSES["tidl_quant_params.TIDLNetQuantParams"]
 
 # TIDL layer types of the ONNX ops (docs/supported_ops_rts_versions.md, "Operator Mapping (ONNX)").
 TIDL_LAYER_TYPES = {
@@ -303,11 +285,6 @@ def quant_params(model: onnx.ModelProto) -> object:
     return net
 
 
-def to_text(net: object) -> str:
-    """The message in protobuf text format, as TIDL reads it."""
-    return text_format.MessageToString(net)
-
-
 def parse(text: str) -> object:
     """A prototxt read back into the message (for checks and tests)."""
-    return text_format.Parse(text, NetQuantParams())
+    return prototxt.parse(text, NetQuantParams)

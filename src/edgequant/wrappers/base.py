@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import torch
+from google.protobuf.message import Message
 from torch import nn
 from torch.fx import GraphModule
 
@@ -20,6 +21,7 @@ from ..graph.capture import MODEL_CLASS_KEY, batch_of_two, check_example_inputs
 from ..graph.convert import convert
 from ..numerics.scheme import Scheme
 from .checkpoint import CheckpointError, check_metadata, check_state_dict, read_checkpoint, save_checkpoint
+from .detection import detector_family, wrap_detector
 
 # Samples the export's onnxruntime check runs on: the first ones the wrapper calibrated or
 # trained on (a fixed number, so the verdict does not hang on the example batch's size).
@@ -27,9 +29,21 @@ PARITY_SAMPLES = 32
 
 
 class QuantWrapper(nn.Module):
-    """Base of `PTQModule` and `QATModule`; `self.model` is the prepared graph."""
+    """Base of `PTQModule` and `QATModule`; `self.model` is the prepared graph.
+
+    Given a torchvision detector (SSD, RetinaNet, FCOS), either class returns a
+    `DetectionModule`: this wrapper around the detector's network, with torchvision's
+    own pre- and post-processing in float (see detection.py).
+    """
 
     model: GraphModule
+    trains = False  # whether the wrapper is trained (QAT) rather than calibrated (PTQ)
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> Any:
+        family = detector_family(model) if isinstance(model, nn.Module) else None
+        if family is not None:
+            return wrap_detector(cls, model, family, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -160,7 +174,13 @@ class QuantWrapper(nn.Module):
         return super()._apply(fn, recurse)
 
     def export(
-        self, path: str | os.PathLike, opset: int | None = None, device: str | Device | None = None, batch: int = 1
+        self,
+        path: str | os.PathLike,
+        opset: int | None = None,
+        device: str | Device | None = None,
+        batch: int = 1,
+        *,
+        meta_arch: Message | None = None,
     ) -> ExportResult:
         """Write QDQ ONNX and the files TIDL takes for `device`, after checking them in onnxruntime.
 
@@ -170,6 +190,7 @@ class QuantWrapper(nn.Module):
         example_inputs). `device` (TDA4VM, AM62A, AM67A, AM68A, AM69A) defaults to the
         wrapper's, else to TDA4VM for power-of-2 schemes and AM68A for the others; a
         scheme the device cannot run is refused. The TIDL model has a static `batch`.
+        `meta_arch` (set by `DetectionModule.export`) is a detector's post-processing prototxt.
         """
         target = get_device(device) if device is not None else self.tidl_device or device_for(self.scheme)
         target.check(self.scheme)
@@ -179,4 +200,6 @@ class QuantWrapper(nn.Module):
         inputs = self.parity_inputs()
         converted = self.convert()
         seen = torch_outputs(self.integer_model(), inputs)  # what eval mode computes
-        return export_onnx(converted, inputs, path, self.scheme, target, opset, eval_outputs=seen, batch=batch)
+        return export_onnx(
+            converted, inputs, path, self.scheme, target, opset, eval_outputs=seen, batch=batch, meta_arch=meta_arch
+        )

@@ -108,6 +108,8 @@ class QATModule(QuantWrapper):
     per rank. Construction itself never communicates.
     """
 
+    trains = True
+
     def __init__(
         self,
         model: nn.Module,
