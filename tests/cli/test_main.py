@@ -469,3 +469,52 @@ def test_float_accuracy_near_chance_is_a_loud_note_naming_the_preprocessing(monk
     monkeypatch.setattr(cli, "_top1", lambda model, data, desc: 97.0)
     cli._float_top1(nn.Identity(), None, 10)
     assert capsys.readouterr().err == ""
+
+
+# ---- detection on the canvases
+
+
+@pytest.fixture(scope="module")
+def canvas_retinanet_weights(tmp_path_factory) -> Path:
+    """An untrained canvas RetinaNet's state_dict: the command's plumbing, not its accuracy, is under test."""
+    from edgequant.demo.detection import build_detector
+
+    path = tmp_path_factory.mktemp("detector") / "retinanet.pt"
+    torch.save(build_detector("retinanet").state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_ptq_of_a_canvas_detector_reports_map_and_writes_the_meta_architecture(
+    canvas_retinanet_weights, tmp_path, capsys
+):
+    out = tmp_path / "det.onnx"
+    args = ["ptq", "canvas:retinanet", "--weights", str(canvas_retinanet_weights), "--data", "canvases"]
+    assert main([*args, "--limit", "16", "--calib-samples", "16", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "detection" and set(result["map"]) == {"float", "quantized"}
+    assert set(result["map"]["float"]) == {"map", "map50"}
+    assert result["meta_arch"] == str(tmp_path / "det.meta_arch.prototxt")
+    assert "TIDL post-processing from det.meta_arch.prototxt" in result["detection_check"]
+    assert '"object_detection:meta_arch_type": 5' in (tmp_path / "det.options.json").read_text()
+
+
+@pytest.mark.slow
+def test_analyze_of_a_canvas_detector_prints_float_16_and_8_bit_map(canvas_retinanet_weights, capsys):
+    args = ["analyze", "canvas:retinanet", "--weights", str(canvas_retinanet_weights), "--data", "canvases"]
+    assert main([*args, "--limit", "16", "--calib-samples", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "edgequant analysis of a detector: int8_pow2 vs int16_pow2" in out
+    assert "int16_pow2" in out and "heads SQNR dB" in out and "verdict (mAP within 0.5 points of float)" in out
+
+
+def test_detection_command_lines_that_cannot_work_say_why(canvas_retinanet_weights, tmp_path, capsys):
+    weights = str(canvas_retinanet_weights)
+    cases = [
+        (["canvas:yolo", "--data", "canvases"], "unknown canvas detector 'yolo'; choose canvas:ssdlite"),
+        (["canvas:retinanet", "--weights", weights, "--data", "digits"], "evaluates detectors on `--data canvases`"),
+        (["torchvision:resnet18", "--data", "canvases"], "--weights is required for torchvision:resnet18"),
+    ]
+    for args, message in cases:
+        assert main(["ptq", *args, "-o", str(tmp_path / "x.onnx")]) != 0
+        assert message in capsys.readouterr().err

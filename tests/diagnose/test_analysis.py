@@ -17,7 +17,7 @@ from edgequant.diagnose.analysis import (
     sixteen_bit,
     sqnr_db,
 )
-from edgequant.diagnose.results import VERDICT_OUTSIDE, VERDICT_QUANTIZATION
+from edgequant.diagnose.results import VERDICT_OUTSIDE, VERDICT_QUANTIZATION, DetectionAnalysis
 from edgequant.numerics.observers import RangeObserver
 
 LAYERS = ["stem.0", "block.0", "block.3", "head.0", "fc"]
@@ -240,3 +240,26 @@ def test_dead_channels_are_named_in_the_report(tiny, digits8):
     report = analyze(model, x[:64], (x[:8],), eval_data=xt[:64], sweep_samples=16, confirm=False, progress=False)
     assert report.dead_channels == {"block.0": [2]}
     assert "dead channels (BN running variance ~0) in 1 layer(s): block.0 [2]" in str(report)
+
+
+@pytest.mark.slow
+def test_a_detector_is_analyzed_by_map_against_its_own_float_detections():
+    from edgequant.demo.canvases import digit_canvases
+
+    from ..helpers import tiny_detector
+
+    images, _ = digit_canvases("calibration", 16, size=64)
+    model = tiny_detector("ssd", 64, warm=images, score_thresh=0.3)
+    with torch.no_grad():
+        found = model(list(images))
+    # The float model's own confident detections as ground truth: float scores 100 by construction.
+    truth = [{"boxes": d["boxes"][d["scores"] > 0.35], "labels": d["labels"][d["scores"] > 0.35]} for d in found]
+    batches = [(images[i : i + 8], truth[i : i + 8]) for i in (0, 8)]
+    report = eq.analyze(model, batches, (images[:4],), "int8_pow2", progress=False)
+    assert isinstance(report, DetectionAnalysis)
+    assert report.float_map["map"] == pytest.approx(100.0)
+    assert report.int16_map["map"] > 95.0 and report.int16_sqnr_db > report.int8_sqnr_db + 20
+    assert report.int8_map["map"] <= report.int16_map["map"] + 1.0
+    assert "mAP within 0.5 points of float" in str(report) and report.to_dict()["eval_samples"] == 16
+    with pytest.raises(eq.EdgequantError, match=r"must be \(images, targets\) pairs"):
+        eq.analyze(model, [images[:8]], (images[:4],), progress=False)

@@ -29,13 +29,15 @@ from ..core.errors import EdgequantError, TidlFallbackWarning, UsageError
 from ..core.files import check_writable
 from ..core.version import __version__
 from ..demo.training import accuracy, cache_dir, float_digits_model, train_epochs
-from ..export.devices import DEVICES, target_scheme
-from ..export.onnx import ExportResult
+from ..export.devices import DEVICES
 from ..export.tidl_check import tidl_check
-from ..numerics.scheme import PRESETS, Scheme
+from ..numerics.scheme import PRESETS
 from ..wrappers.ptq import ESTIMATORS, PTQConfig, PTQModule
 from ..wrappers.qat import QATConfig, QATModule
 from ..wrappers.schedule import FreezeSchedule
+from . import detection
+from .common import export_summary, indented, note, print_summary, scheme_of
+from .detection import is_detection
 from .loading import DIGITS, RESIZE_MODES, ImageData, load_data, load_weights, resolve_model
 
 EXAMPLE_BATCH = 16
@@ -44,10 +46,6 @@ EXAMPLE_BATCH = 16
 EXPECTED_ERRORS = (OSError, EdgequantError)
 
 Command = Callable[[argparse.Namespace], dict[str, Any]]
-
-
-def _note(message: str) -> None:
-    print(f"edgequant: note: {message}", file=sys.stderr, flush=True)
 
 
 def _one_line(error: BaseException) -> str:
@@ -68,7 +66,7 @@ def _model(args: argparse.Namespace, data: ImageData | None, weights_required: b
         if getattr(args, "data", None) == DIGITS and _is_torchvision(args.model) and num_classes in (None, 10):
             name = args.model.partition(":")[2]
             resolve_model(args.model, 10)  # a clear error for unknown names before any training
-            _note(f"no --weights: using {name} trained on the digits (trained once, cached in {cache_dir()})")
+            note(f"no --weights: using {name} trained on the digits (trained once, cached in {cache_dir()})")
             return float_digits_model(name)
         raise UsageError(
             f"--weights is required for `{args.command}`: quantizing random weights tells nothing about your model "
@@ -89,7 +87,7 @@ def _data(args: argparse.Namespace, split: str, limit: int | None, shuffle: bool
 def _eval_data(args: argparse.Namespace) -> ImageData:
     source = args.eval_data or args.data
     if args.eval_data is None and args.data != DIGITS:
-        _note(f"evaluating on {args.data} itself; pass --eval-data for a held-out folder")
+        note(f"evaluating on {args.data} itself; pass --eval-data for a held-out folder")
     return load_data(
         source, "test", args.input_size, args.mean, args.std, args.batch_size, args.limit, resize=args.resize
     )
@@ -139,21 +137,12 @@ def _float_top1(model: nn.Module, data: ImageData, classes: int) -> float:
     top1 = _top1(model, data, "evaluate float")
     chance = 100.0 / classes
     if classes > 1 and top1 < 2 * chance:
-        _note(
+        note(
             f"WARNING: the float model's top-1 is {top1:.1f} %, near chance ({chance:.1f} % for {classes} classes). "
             "The data probably does not reach the model as it did in training: check --input-size, --mean, "
             "--std and --channels (and --weights). Quantizing anyway; the result will mean little"
         )
     return top1
-
-
-def _scheme(args: argparse.Namespace) -> Scheme:
-    scheme, _ = target_scheme(args.scheme, getattr(args, "device", None))
-    if not args.high_precision:
-        return scheme
-    if args.high_precision == "first_last":
-        return scheme.with_high_precision("first_last")
-    return scheme.with_high_precision([name.strip() for name in args.high_precision.split(",") if name.strip()])
 
 
 def _table(rows: Sequence[tuple[str, float]]) -> str:
@@ -165,36 +154,6 @@ def _table(rows: Sequence[tuple[str, float]]) -> str:
         delta = f"{value - reference:+10.2f}" if i else ""
         lines.append(f"  {label:<{width}}{value:>9.2f}{delta}")
     return "\n".join(lines)
-
-
-def _export_summary(result: ExportResult) -> dict[str, Any]:
-    parity = result.parity
-    return {
-        "onnx": str(result.path),
-        "device": result.device.name,
-        "options": str(result.options_path),
-        "tidl_onnx": str(result.tidl_path),
-        "quant_params": str(result.quant_params_path) if result.quant_params_path else None,
-        "tidl_check": result.tidl_check.to_dict(),
-        "opset": result.opset,
-        "parity": {
-            "max_abs_diff": parity.max_abs_diff,
-            "top1_agreement": parity.top1_agreement,
-            "samples": parity.samples,
-            "rounding_only": parity.rounding is not None,
-        },
-    }
-
-
-def _indented(result: ExportResult) -> list[str]:
-    return [f"  {line}" for line in str(result).splitlines()]
-
-
-def _print_summary(args: argparse.Namespace, lines: Sequence[str]) -> None:
-    """The human-readable summary, after the progress bars; --json prints data instead."""
-    if not args.json:
-        print()
-        print("\n".join(lines))
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,7 +172,7 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 
     model = _model(args, None, weights_required=False)
     if args.weights is None:
-        _note("no --weights: checking the architecture of a randomly initialised model")
+        note("no --weights: checking the architecture of a randomly initialised model")
     example = (torch.randn(2, args.channels, args.input_size, args.input_size),)
     _run_once(model, example, args.model)
     findings = check(model, example_inputs=example)
@@ -275,6 +234,8 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     """`edgequant analyze`: whether the 8-bit loss is quantization, and which layers to keep in 16 bit."""
     from ..diagnose.analysis import analyze
 
+    if is_detection(args):
+        return detection.analyze(args)
     start = time.perf_counter()
     if args.html:
         check_writable(args.html)
@@ -297,7 +258,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.html:
         body.append(f"wrote {args.html}")
     body.append(f"time {time.perf_counter() - start:.1f} s")
-    _print_summary(args, body)  # the report names the scheme and the data itself
+    print_summary(args, body)  # the report names the scheme and the data itself
     return {
         "command": "analyze",
         "model": args.model,
@@ -309,9 +270,11 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
     """`edgequant ptq`: calibrate, evaluate, export; the quickest way to a deployable file."""
+    if is_detection(args):
+        return detection.ptq(args)
     start = time.perf_counter()
     check_writable(args.output)
-    scheme = _scheme(args)
+    scheme = scheme_of(args)
     calib = _data(args, "train", args.calib_samples)
     evaluation = _eval_data(args)
     model = _model(args, evaluation, weights_required=True)  # the labelled set decides the class count
@@ -319,7 +282,7 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
     classes = _classes_out(model, example, args.model)
     top1: dict[str, float] = {}
     if classes is None:
-        _note("the model's output is not (N, classes) logits; skipping the accuracy evaluation")
+        note("the model's output is not (N, classes) logits; skipping the accuracy evaluation")
     else:
         _check_labels(classes, evaluation, args.model)
         top1["float"] = _float_top1(model, evaluation, classes)
@@ -333,8 +296,8 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
     if top1:
         body += [f"  evaluation:  {evaluation.description}", ""]
         body.append(_table([("float (torch)", top1["float"]), (f"{scheme.name} (torch)", top1["quantized"])]))
-    body += ["", *_indented(result), f"  time {seconds:.1f} s"]
-    _print_summary(args, [f"edgequant ptq: {args.model}, scheme {scheme.name}", *body])
+    body += ["", *indented(result), f"  time {seconds:.1f} s"]
+    print_summary(args, [f"edgequant ptq: {args.model}, scheme {scheme.name}", *body])
     return {
         "command": "ptq",
         "model": args.model,
@@ -343,16 +306,18 @@ def cmd_ptq(args: argparse.Namespace) -> dict[str, Any]:
         "calibration_samples": calib.size,
         "evaluation_samples": evaluation.size if top1 else 0,
         "top1": top1 or None,
-        **_export_summary(result),
+        **export_summary(result),
         "seconds": seconds,
     }
 
 
 def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
-    """`edgequant qat`: the common classification case of QAT, without writing a training loop."""
+    """`edgequant qat`: QAT of a classifier (or a detector, on the canvases) without writing a training loop."""
+    if is_detection(args):
+        return detection.qat(args)
     start = time.perf_counter()
     check_writable(args.output)
-    scheme = _scheme(args)
+    scheme = scheme_of(args)
     train = _data(args, "train", args.limit, shuffle=True)
     evaluation = _eval_data(args)
     model = _model(args, train, weights_required=True)
@@ -382,10 +347,10 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         "",
         _table([("float (torch)", float_top1), (f"QAT {scheme.name} (integer, torch)", quant_top1)]),
         "",
-        *_indented(result),
+        *indented(result),
         f"  time {seconds:.1f} s",
     ]
-    _print_summary(args, [f"edgequant qat: {args.model}, scheme {scheme.name}", *body])
+    print_summary(args, [f"edgequant qat: {args.model}, scheme {scheme.name}", *body])
     return {
         "command": "qat",
         "model": args.model,
@@ -396,7 +361,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         "training_samples": train.size,
         "evaluation_samples": evaluation.size,
         "top1": {"float": float_top1, "quantized": quant_top1},
-        **_export_summary(result),
+        **export_summary(result),
         "seconds": seconds,
     }
 
@@ -412,7 +377,10 @@ DATA_HELP = """\
 resized so the short side is 8/7 of --input-size (--resize none: not resized),
 center-cropped and normalized with --mean / --std; or the word `digits` for the bundled 8x8 digits, upsampled to
 --input-size (default 32) and normalized to [-1, 1]. With digits, calibration and
-training use its train split and evaluation its test split.
+training use its train split and evaluation its test split. `canvases` is the bundled
+detection task (digits on 128x128 canvases, docs/detection.md) for detectors: MODEL
+canvas:ssdlite|retinanet|fcos (trained once and cached without --weights) or a
+torchvision SSD / RetinaNet / FCOS with --weights; accuracy is then COCO mAP.
 """
 
 SCHEMES = ", ".join(PRESETS)
@@ -523,7 +491,12 @@ def _model_options() -> argparse.ArgumentParser:
 
 def _data_options() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data", required=True, metavar="D", help="image folder (ImageFolder layout) or `digits`")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="D",
+        help="image folder (ImageFolder layout), `digits` or `canvases` (detection)",
+    )
     parser.add_argument(
         "--eval-data", metavar="E", help="held-out image folder for evaluation (default: digits test split / --data)"
     )
@@ -653,7 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="ONNX file to write")
 
     qat = add(
-        "qat", "fine-tune a classifier with quantization-aware training and export it", cmd_qat, [model, data, common]
+        "qat",
+        "fine-tune a classifier or detector with quantization-aware training and export it",
+        cmd_qat,
+        [model, data, common],
     )
     _scheme_options(qat)
     qat.add_argument("--epochs", type=_positive, default=3, metavar="N", help="QAT epochs (default: 3)")

@@ -43,9 +43,18 @@ from ..graph.ops import (
 from ..numerics.observers import RangeObserver
 from ..numerics.scales import qrange, to_grid
 from ..numerics.scheme import PRESETS, Scheme, get_scheme
+from ..wrappers.detection import DetectionCore, detector_family, images_of
 from ..wrappers.ptq import PTQConfig, PTQModule
+from .detection import mean_average_precision
 from .report import AnalysisReport
-from .results import VERDICT_FINE, VERDICT_OUTSIDE, VERDICT_QUANTIZATION, Fidelity, LayerSensitivity
+from .results import (
+    VERDICT_FINE,
+    VERDICT_OUTSIDE,
+    VERDICT_QUANTIZATION,
+    DetectionAnalysis,
+    Fidelity,
+    LayerSensitivity,
+)
 
 aten = torch.ops.aten
 
@@ -511,8 +520,11 @@ def analyze(
     sweep_samples: int = 256,
     confirm: bool = True,
     progress: bool = True,
-) -> AnalysisReport:
+) -> AnalysisReport | DetectionAnalysis:
     """Diagnose an 8-bit PTQ scheme on your data: is the loss quantization, which layers, which to keep in 16 bit.
+
+    For a torchvision detector (SSD, RetinaNet, FCOS) it returns a `DetectionAnalysis`
+    instead: float, 16-bit and 8-bit mAP on (images, targets) batches (see `analyze_detector`).
 
     `data` calibrates the ranges and, unless `eval_data` is given, is also where the
     outputs are compared; batches are tensors or (inputs, labels) pairs (labels add
@@ -529,6 +541,8 @@ def analyze(
     wide = sixteen_bit(base)
     if not 0 <= tolerance < 100:
         raise UsageError(f"tolerance is in points of top-1 agreement, between 0 and 100; got {tolerance}")
+    if detector_family(model) is not None:
+        return analyze_detector(model, data, example_inputs, base, eval_data, config, tolerance, progress)
     if sweep_samples < 1:
         raise UsageError(f"sweep_samples must be at least 1, got {sweep_samples}")
     target = _Target(tolerance, target_sqnr_db)
@@ -581,6 +595,64 @@ def analyze(
         target_met=recommended is not None and target.met(recommended),
         dead_channels=ptq8.dead_channels,
     )
+
+
+@torch.no_grad()
+def analyze_detector(
+    model: nn.Module,
+    data: Iterable,
+    example_inputs: tuple[torch.Tensor, ...],
+    scheme: Scheme,
+    eval_data: Iterable | None = None,
+    config: PTQConfig | None = None,
+    tolerance: float = 0.5,
+    progress: bool = True,
+) -> DetectionAnalysis:
+    """`analyze` for a torchvision detector: float, 16-bit and 8-bit mAP and head SQNR on (images, targets) batches.
+
+    Calibrates a PTQ `DetectionModule` at each width on `data`, and evaluates on
+    `eval_data` (default: `data`), whose batches must carry targets.
+    """
+    wide = sixteen_bit(scheme)
+    calibration = list(data)
+    evaluation = calibration if eval_data is None else list(eval_data)
+    if not all(isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[1], list) for b in evaluation):
+        raise UsageError("analyze measures a detector's mAP: evaluation batches must be (images, targets) pairs")
+    truth = [t for _, targets in evaluation for t in targets]
+    images = [batch[0] for batch in evaluation]
+    model = model.eval()
+    float_found = [d for x in images for d in model(list(x))]
+    widths = {}
+    for s in (wide, scheme):
+        qmodel = PTQModule(model, example_inputs, s, config).calibrate(calibration, progress=progress)
+        core_float = DetectionCore(model, qmodel.family)
+        inputs = [qmodel.core_inputs(x) for x in images]
+        reference = torch.cat([_flat_heads(core_float(x)) for x in inputs])
+        quantized = torch.cat([_flat_heads(qmodel.quantized(x)) for x in inputs])
+        found = [d for x in images for d in qmodel(x)]
+        widths[s.name] = (mean_average_precision(found, truth), sqnr_db(reference, quantized))
+    float_map = mean_average_precision(float_found, truth)
+    (int16_map, int16_sqnr), (int8_map, int8_sqnr) = widths[wide.name], widths[scheme.name]
+    close16 = float_map["map"] - int16_map["map"] <= tolerance
+    close8 = float_map["map"] - int8_map["map"] <= tolerance
+    return DetectionAnalysis(
+        scheme=scheme.name,
+        scheme_16bit=wide.name,
+        calibration_samples=sum(len(images_of(b)) for b in calibration),
+        eval_samples=len(truth),
+        tolerance=tolerance,
+        float_map=float_map,
+        int16_map=int16_map,
+        int8_map=int8_map,
+        int16_sqnr_db=int16_sqnr,
+        int8_sqnr_db=int8_sqnr,
+        verdict=_verdict(close16, close8),
+    )
+
+
+def _flat_heads(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A detector network's head outputs as one (N, values) tensor, for SQNR."""
+    return torch.cat([v.flatten(1) for v in outputs.values()], dim=1).float()
 
 
 def _verdict(int16_close: bool, int8_close: bool) -> str:

@@ -37,3 +37,46 @@ class LayerSensitivity:
     output_min: float  # calibrated range of the tensor the layer writes
     output_max: float
     output_outside_range_pct: float  # % of that tensor's values on the evaluation data outside the calibrated range
+
+
+@dataclass
+class DetectionAnalysis:
+    """What `analyze` finds for a detector: mAP (COCO, percent) and head-output SQNR of float, 16 and 8 bit.
+
+    The per-layer search of classifiers is not run for detectors; the verdict answers
+    "is 16-bit fine, and what does 8 bit lose?" with mAP within `tolerance` points.
+    """
+
+    scheme: str
+    scheme_16bit: str
+    calibration_samples: int
+    eval_samples: int
+    tolerance: float
+    float_map: dict[str, float]
+    int16_map: dict[str, float]
+    int8_map: dict[str, float]
+    int16_sqnr_db: float  # raw head outputs (box and class per level) against float's
+    int8_sqnr_db: float
+    verdict: str
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        rows = [("float", self.float_map, None), (self.scheme_16bit, self.int16_map, self.int16_sqnr_db)]
+        rows.append((self.scheme, self.int8_map, self.int8_sqnr_db))
+        width = max(len(name) for name, _, _ in rows) + 2
+        lines = [
+            f"edgequant analysis of a detector: {self.scheme} vs {self.scheme_16bit}, calibrated on "
+            f"{self.calibration_samples} images, evaluated on {self.eval_samples}",
+            f"  {'':<{width}}{'mAP':>8}{'mAP@.5':>9}{'vs float':>10}{'heads SQNR dB':>15}",
+        ]
+        for name, value, sqnr in rows:
+            delta = "" if sqnr is None else f"{value['map'] - self.float_map['map']:+10.2f}"
+            lines.append(
+                f"  {name:<{width}}{value['map']:>8.2f}{value['map50']:>9.2f}{delta:>10}"
+                + ("" if sqnr is None else f"{sqnr:>15.1f}")
+            )
+        lines.append(f"verdict (mAP within {self.tolerance:g} points of float): {self.verdict}")
+        return "\n".join(lines)

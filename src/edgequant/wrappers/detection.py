@@ -153,7 +153,7 @@ class _HeadOutputs(nn.Module):
         return {key: torch.cat(parts, dim=1) for (key, _), parts in zip(self.outputs, per_key, strict=True)}
 
 
-def _images_of(batch: object) -> Any:
+def images_of(batch: object) -> Any:
     """The images of a detection batch: a tensor or list of images, or the first item of (images, targets)."""
     if isinstance(batch, torch.Tensor):
         return batch
@@ -222,7 +222,7 @@ class DetectionModule(nn.Module):
 
     def _core_batches(self, data: Iterable) -> Iterator[torch.Tensor]:
         for batch in data:
-            yield self.core_inputs(_images_of(batch))
+            yield self.core_inputs(images_of(batch))
 
     def forward(self, images: Any, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         if self.training and not self.trains:
@@ -372,7 +372,7 @@ class DetectionModule(nn.Module):
         sess = session(str(result.path))
         outputs = dict(zip((o.name for o in sess.get_outputs()), run_onnx(sess, (inputs,)), strict=True))
         decoded = meta_arch.decode(arch, outputs)
-        reference = self._postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, inputs)
+        reference = self.postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, inputs)
         found, matched, box_diff, score_diff = 0, 0, 0.0, 0.0
         for ours, theirs in zip(decoded, reference, strict=True):
             found += len(theirs["scores"])
@@ -390,7 +390,7 @@ class DetectionModule(nn.Module):
             warnings.warn(MetaArchWarning(f"{text}: the deployed detections differ from eval's"), stacklevel=3)
         return text
 
-    def _postprocess(self, outputs: dict[str, torch.Tensor], images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def postprocess(self, outputs: dict[str, torch.Tensor], images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """torchvision's own post-processing of head outputs, in network-input pixels (no resize back)."""
         view = self.detector
         names = [name for name, _, _ in OUTPUTS[self.family]]
@@ -428,7 +428,7 @@ def wrap_detector(cls: type, detector: nn.Module, family: str, *args: Any, **kwa
     example = arguments.get("example_inputs")
     if not isinstance(example, (tuple, list)) or len(example) != 1:
         raise UsageError("a detector takes example_inputs=(images,): one (N, 3, H, W) batch at the deployment size")
-    images = _images_of(example[0]) if not isinstance(example[0], torch.Tensor) else example[0]
+    images = images_of(example[0]) if not isinstance(example[0], torch.Tensor) else example[0]
     transform = copy.deepcopy(detector.transform).eval()
     with torch.no_grad():
         core_images = transform(list(images))[0].tensors
@@ -437,7 +437,7 @@ def wrap_detector(cls: type, detector: nn.Module, family: str, *args: Any, **kwa
     arguments["example_inputs"] = (core_images,)
     if arguments.get("calibration_data") is not None:
         data = arguments["calibration_data"]
-        arguments["calibration_data"] = [transform(list(_images_of(batch)))[0].tensors for batch in data]
+        arguments["calibration_data"] = [transform(list(images_of(batch)))[0].tensors for batch in data]
     quantized = cls(**arguments)
     trains = bool(getattr(cls, "trains", False))
     module = DetectionModule(detector, family, quantized, trains, _levels(core, core_images[:1]))
