@@ -21,6 +21,7 @@ Writes benchmarks/results/detection.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -177,8 +178,9 @@ def run_family(family: str, qat_epochs: int, repeats: int, work: Path) -> dict:
             row[label] = float("nan")
             row[f"{label} error"] = str(error).splitlines()[0][:200]
     start = time.perf_counter()
-    qat = eq.QATModule(model, (example,), "int8_pow2", calibration_data=calibration)
-    row["qat step ratio"] = qat_step_ratio(model, qat, images[:16], targets[:16], repeats)
+    timed = copy.deepcopy(model)  # its steps move weights and BN statistics: not the model QAT starts from
+    qat = eq.QATModule(timed, (example,), "int8_pow2", calibration_data=calibration)
+    row["qat step ratio"] = qat_step_ratio(timed, qat, images[:16], targets[:16], repeats)
     qat = eq.QATModule(model, (example,), "int8_pow2", calibration_data=calibration)
     train_detector(qat, canvas_loader("train"), qat_epochs, lr=0.001, progress=False)
     with warnings.catch_warnings():

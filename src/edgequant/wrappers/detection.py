@@ -53,6 +53,9 @@ _FAMILIES = ((SSD, "ssd"), (RetinaNet, "retinanet"), (FCOS, "fcos"))
 # The export's check of the prototxt: TIDL's anchors and decoded detections against torchvision's.
 ANCHOR_TOLERANCE = BOX_TOLERANCE = 1e-3  # pixels
 SCORE_TOLERANCE = 1e-5
+# Quantized scores tie exactly, and NMS orders ties as its implementation does: a tied box can
+# survive in one engine and not the other. Below this share of reproduced detections, export warns.
+REPRODUCED = 0.99
 
 
 def detector_family(model: nn.Module) -> str | None:
@@ -373,18 +376,13 @@ class DetectionModule(nn.Module):
         outputs = dict(zip((o.name for o in sess.get_outputs()), run_onnx(sess, (inputs,)), strict=True))
         decoded = meta_arch.decode(arch, outputs)
         reference = self.postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, inputs)
-        found, matched, box_diff, score_diff = 0, 0, 0.0, 0.0
-        for ours, theirs in zip(decoded, reference, strict=True):
-            found += len(theirs["scores"])
-            same = len(ours["scores"]) == len(theirs["scores"]) and torch.equal(ours["labels"], theirs["labels"])
-            if same and len(theirs["scores"]):
-                box_diff = max(box_diff, float((ours["boxes"] - theirs["boxes"]).abs().max()))
-                score_diff = max(score_diff, float((ours["scores"] - theirs["scores"]).abs().max()))
-            matched += len(theirs["scores"]) if same else 0
-        agree = matched == found and box_diff <= BOX_TOLERANCE and score_diff <= SCORE_TOLERANCE
+        found = sum(len(theirs["scores"]) for theirs in reference)
+        matched = sum(_matches(ours, theirs) for ours, theirs in zip(decoded, reference, strict=True))
+        agree = matched >= REPRODUCED * found
         text = (
             f"TIDL post-processing from {result.deploy.meta_arch.name}: {matched} of {found} torchvision detections "
-            f"on {inputs.shape[0]} images reproduced (max box diff {box_diff:.2g} px, score diff {score_diff:.2g})"
+            f"on {inputs.shape[0]} images reproduced (same label, box within {BOX_TOLERANCE:g} px, score within "
+            f"{SCORE_TOLERANCE:g})"
         )
         if not agree:
             warnings.warn(MetaArchWarning(f"{text}: the deployed detections differ from eval's"), stacklevel=3)
@@ -413,6 +411,16 @@ class DetectionModule(nn.Module):
         """Load a checkpoint written by `save()`."""
         self.quantized.load(path, optimizer)
         return self
+
+
+def _matches(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> int:
+    """How many of `theirs` detections `ours` has too: same label, box and score within the tolerances."""
+    if not len(theirs["scores"]) or not len(ours["scores"]):
+        return 0
+    close = (theirs["boxes"][:, None] - ours["boxes"][None]).abs().amax(dim=-1) <= BOX_TOLERANCE
+    close &= (theirs["scores"][:, None] - ours["scores"][None]).abs() <= SCORE_TOLERANCE
+    close &= theirs["labels"][:, None] == ours["labels"][None]
+    return int(close.any(dim=1).sum())
 
 
 def wrap_detector(cls: type, detector: nn.Module, family: str, *args: Any, **kwargs: Any) -> DetectionModule:
