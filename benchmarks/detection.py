@@ -50,6 +50,7 @@ SCHEMES = {
     "int8_pow2 + 16-bit heads": eq.get_scheme("int8_pow2").with_high_precision(["head"]),
 }
 HeadRun = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+DYNAMIC = ({0: torch.export.Dim("batch")},)  # the peers run test batches of another size than the example
 
 
 def heads_map(qmodel: DetectionModule, run: HeadRun, test) -> dict[str, float]:
@@ -93,7 +94,7 @@ def ours(model, scheme, calibration, example, test, path: Path) -> dict:
 
 
 def torchao_peer(core, example, calibration_inputs) -> HeadRun:
-    graph = torch.export.export(core.eval(), (example,)).module()
+    graph = torch.export.export(core.eval(), (example,), dynamic_shapes=DYNAMIC).module()
     prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(get_symmetric_quantization_config()))
     with torch.no_grad():
         for x in calibration_inputs:
@@ -112,7 +113,7 @@ class _Reader(ortq.CalibrationDataReader):
 
 def ort_peer(core, example, calibration_inputs, work: Path) -> HeadRun:
     float_path, path = work / "core_float.onnx", work / "core_ort.onnx"
-    torch.onnx.export(core.eval(), (example,), str(float_path), dynamo=True, verbose=False)
+    torch.onnx.export(core.eval(), (example,), str(float_path), dynamo=True, dynamic_shapes=DYNAMIC, verbose=False)
     name = onnx.load(str(float_path)).graph.input[0].name
     ortq.quantize_static(
         str(float_path),

@@ -131,7 +131,7 @@ def test_anchors_tidl_cannot_express_are_reported(canvases, tmp_path):
         qmodel.export(tmp_path / "r.onnx")
 
 
-def test_qat_step_computes_torchvisions_losses_and_trains_the_backbone(canvases):
+def test_qat_step_computes_torchvisions_losses_and_trains_the_backbone(canvases, tmp_path):
     images, targets = canvases
     model = tiny_detector("retinanet", SIZE, warm=images)  # BN statistics of these images, as after training
     with torch.no_grad():
@@ -151,6 +151,8 @@ def test_qat_step_computes_torchvisions_losses_and_trains_the_backbone(canvases)
     with torch.no_grad():
         detections = qmodel(images[:2])
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+    result = qmodel.export(tmp_path / "qat.onnx")  # the trained network, with its meta architecture
+    assert result.deploy.meta_arch is not None and result.detection_check is not None
 
 
 def test_bad_input_gets_one_line_errors(canvases):

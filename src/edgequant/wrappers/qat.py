@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from google.protobuf.message import Message
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
@@ -239,7 +240,13 @@ class QATModule(QuantWrapper):
         return result
 
     def export(
-        self, path: str | os.PathLike, opset: int | None = None, device: str | Device | None = None, batch: int = 1
+        self,
+        path: str | os.PathLike,
+        opset: int | None = None,
+        device: str | Device | None = None,
+        batch: int = 1,
+        *,
+        meta_arch: Message | None = None,
     ) -> ExportResult:
         if not self.epoch and not int(self.qat_state[1]):
             warnings.warn(
@@ -249,7 +256,7 @@ class QATModule(QuantWrapper):
                 ),
                 stacklevel=2,
             )
-        return super().export(path, opset, device, batch)
+        return super().export(path, opset, device, batch, meta_arch=meta_arch)
 
     def forward(self, *args: torch.Tensor) -> Any:
         self.check_inputs(args)
