@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import onnx
 import onnxruntime.quantization as ortq
 import torch
-from _common import interleaved_times, median_ratio, save, table
+from _common import RESULTS, interleaved_times, median_ratio, save, table
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
@@ -50,7 +51,8 @@ SCHEMES = {
     "int8_pow2 + 16-bit heads": eq.get_scheme("int8_pow2").with_high_precision(["head"]),
 }
 HeadRun = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-DYNAMIC = ({0: torch.export.Dim("batch")},)  # the peers run test batches of another size than the example
+DYNAMIC = ({0: torch.export.Dim("batch")},)
+PEERS = ("torchao per-tensor", "ort MinMax")  # the peers run test batches of another size than the example
 
 
 def heads_map(qmodel: DetectionModule, run: HeadRun, test) -> dict[str, float]:
@@ -151,7 +153,7 @@ def qat_step_ratio(model, qat: DetectionModule, images, targets, repeats: int) -
     return median_ratio(times["qat"], times["float"])
 
 
-def run_family(family: str, qat_epochs: int, repeats: int, work: Path) -> dict:
+def run_family(family: str, qat_epochs: int, repeats: int, work: Path, peers_only: bool = False) -> dict:
     model = float_canvas_detector(family)
     test = canvas_loader("test", batch_size=16)
     images, targets = digit_canvases("calibration")
@@ -159,6 +161,9 @@ def run_family(family: str, qat_epochs: int, repeats: int, work: Path) -> dict:
     example = images[:8]
     row: dict = {"detector": family, "float mAP": detection_map(model, test)["map"]}
     for label, scheme in SCHEMES.items():
+        if peers_only:  # the wrapper only decodes the peers' head outputs
+            qmodel = eq.PTQModule(model, (example,), "int16")
+            break
         result = ours(model, scheme, calibration, example, test, work / f"{family}_{label.split()[0]}.onnx")
         row[label] = result["mAP"]
         row[f"{label} eval"] = result["eval mAP"]
@@ -169,15 +174,18 @@ def run_family(family: str, qat_epochs: int, repeats: int, work: Path) -> dict:
             qmodel = result["qmodel"]
     core_inputs = [qmodel.core_inputs(x) for x, _ in calibration]
     core = DetectionCore(model, qmodel.family)
-    for label, build in (
-        ("torchao per-tensor", lambda: torchao_peer(core, core_inputs[0][:8], core_inputs)),
-        ("ort MinMax", lambda: ort_peer(core, core_inputs[0][:8], core_inputs, work)),
-    ):
+    builders = (
+        lambda: torchao_peer(core, core_inputs[0][:8], core_inputs),
+        lambda: ort_peer(core, core_inputs[0][:8], core_inputs, work),
+    )
+    for label, build in zip(PEERS, builders, strict=True):
         try:
             row[label] = heads_map(qmodel, build(), test)["map"]
         except Exception as error:  # a peer failing is a result, not a crash
             row[label] = float("nan")
             row[f"{label} error"] = str(error).splitlines()[0][:200]
+    if peers_only:
+        return row
     start = time.perf_counter()
     timed = copy.deepcopy(model)  # its steps move weights and BN statistics: not the model QAT starts from
     qat = eq.QATModule(timed, (example,), "int8_pow2", calibration_data=calibration)
@@ -197,14 +205,27 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(DETECTORS), choices=DETECTORS)
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the QAT / float step timing")
+    parser.add_argument(
+        "--peers-only", action="store_true", help="rerun the peers only and merge them into the saved results"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            rows.append(run_family(family, args.qat_epochs, args.repeats, Path(tmp)))
+            rows.append(run_family(family, args.qat_epochs, args.repeats, Path(tmp), args.peers_only))
             print(f"{family}: done", flush=True)
-    labels = ["float mAP", *SCHEMES, f"QAT {args.qat_epochs} epochs", "torchao per-tensor", "ort MinMax"]
+    command = "python " + " ".join(["benchmarks/detection.py", *sys.argv[1:]])
+    if args.peers_only:
+        saved = json.loads((RESULTS / "detection.json").read_text())
+        peers = {r["detector"]: r for r in rows}
+        for row in saved["rows"]:
+            if row["detector"] in peers:
+                for label in PEERS:
+                    row.pop(f"{label} error", None)
+                row.update({k: v for k, v in peers[row["detector"]].items() if k != "float mAP"})
+        rows, command = saved["rows"], f"{saved['command']}; then {command}"
+    labels = ["float mAP", *SCHEMES, f"QAT {args.qat_epochs} epochs", *PEERS]
     print(
         table(
             ["detector", *labels, "QAT/float step"],
@@ -213,7 +234,6 @@ def main() -> None:
     )
     for r in rows:
         print(f"{r['detector']}: {r['int8_pow2 meta arch']}")
-    command = "python " + " ".join(["benchmarks/detection.py", *sys.argv[1:]])
     print(f"results: {save('detection', command, rows)}")
 
 
