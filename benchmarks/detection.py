@@ -10,7 +10,8 @@ test canvases:
   onnxruntime computes the head outputs, torchvision's post-processing decodes them;
   the eval-mode mAP beside it (the two agree bit for bit at int8_pow2) and the export's
   check of TIDL's meta-architecture prototxt;
-- QAT (int8_pow2) for `--qat-epochs` from the PTQ recipe, in onnxruntime likewise;
+- QAT (int8_pow2) for `--qat-epochs` from the PTQ recipe, with the freezing schedule over those
+  epochs at lr 2e-4, in onnxruntime likewise;
 - peers on the same network and images: torchao PT2E (XNNPACK per-tensor) and
   onnxruntime quantize_static (MinMax, QDQ, symmetric int8);
 - time of each stage, and the QAT step / float step ratio (median of interleaved rounds).
@@ -52,7 +53,8 @@ SCHEMES = {
 }
 HeadRun = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 DYNAMIC = ({0: torch.export.Dim("batch")},)
-PEERS = ("torchao per-tensor", "ort MinMax")  # the peers run test batches of another size than the example
+PEERS = ("torchao per-tensor", "ort MinMax")
+QAT_LR = 2e-4  # the peers run test batches of another size than the example
 
 
 def heads_map(qmodel: DetectionModule, run: HeadRun, test) -> dict[str, float]:
@@ -153,7 +155,7 @@ def qat_step_ratio(model, qat: DetectionModule, images, targets, repeats: int) -
     return median_ratio(times["qat"], times["float"])
 
 
-def run_family(family: str, qat_epochs: int, repeats: int, work: Path, peers_only: bool = False) -> dict:
+def run_family(family: str, qat_epochs: int, repeats: int, work: Path, only: str | None = None) -> dict:
     model = float_canvas_detector(family)
     test = canvas_loader("test", batch_size=16)
     images, targets = digit_canvases("calibration")
@@ -161,7 +163,7 @@ def run_family(family: str, qat_epochs: int, repeats: int, work: Path, peers_onl
     example = images[:8]
     row: dict = {"detector": family, "float mAP": detection_map(model, test)["map"]}
     for label, scheme in SCHEMES.items():
-        if peers_only:  # the wrapper only decodes the peers' head outputs
+        if only:  # a rerun of one part: the wrapper only decodes the peers' head outputs
             qmodel = eq.PTQModule(model, (example,), "int16")
             break
         result = ours(model, scheme, calibration, example, test, work / f"{family}_{label.split()[0]}.onnx")
@@ -179,19 +181,23 @@ def run_family(family: str, qat_epochs: int, repeats: int, work: Path, peers_onl
         lambda: ort_peer(core, core_inputs[0][:8], core_inputs, work),
     )
     for label, build in zip(PEERS, builders, strict=True):
+        if only == "qat":
+            break
         try:
             row[label] = heads_map(qmodel, build(), test)["map"]
         except Exception as error:  # a peer failing is a result, not a crash
             row[label] = float("nan")
             row[f"{label} error"] = str(error).splitlines()[0][:200]
-    if peers_only:
+    if only == "peers":
         return row
     start = time.perf_counter()
     timed = copy.deepcopy(model)  # its steps move weights and BN statistics: not the model QAT starts from
     qat = eq.QATModule(timed, (example,), "int8_pow2", calibration_data=calibration)
     row["qat step ratio"] = qat_step_ratio(timed, qat, images[:16], targets[:16], repeats)
-    qat = eq.QATModule(model, (example,), "int8_pow2", calibration_data=calibration)
-    train_detector(qat, canvas_loader("train"), qat_epochs, lr=0.001, progress=False)
+    # The documented QAT recipe: BN then ranges freeze over the epochs (docs/qat.md), a small learning rate.
+    config = eq.QATConfig(eq.FreezeSchedule(qat_epochs))
+    qat = eq.QATModule(model, (example,), "int8_pow2", config=config, calibration_data=calibration)
+    train_detector(qat, canvas_loader("train"), qat_epochs, lr=QAT_LR, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", eq.TidlFallbackWarning)
         qat.export(work / f"{family}_qat.onnx")
@@ -205,25 +211,23 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(DETECTORS), choices=DETECTORS)
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the QAT / float step timing")
-    parser.add_argument(
-        "--peers-only", action="store_true", help="rerun the peers only and merge them into the saved results"
-    )
+    parser.add_argument("--only", choices=("peers", "qat"), help="rerun one part and merge it into the saved results")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            rows.append(run_family(family, args.qat_epochs, args.repeats, Path(tmp), args.peers_only))
+            rows.append(run_family(family, args.qat_epochs, args.repeats, Path(tmp), args.only))
             print(f"{family}: done", flush=True)
     command = "python " + " ".join(["benchmarks/detection.py", *sys.argv[1:]])
-    if args.peers_only:
+    if args.only:
         saved = json.loads((RESULTS / "detection.json").read_text())
-        peers = {r["detector"]: r for r in rows}
+        fresh = {r["detector"]: r for r in rows}
         for row in saved["rows"]:
-            if row["detector"] in peers:
-                for label in PEERS:
+            if row["detector"] in fresh:
+                for label in PEERS if args.only == "peers" else ():
                     row.pop(f"{label} error", None)
-                row.update({k: v for k, v in peers[row["detector"]].items() if k != "float mAP"})
+                row.update({k: v for k, v in fresh[row["detector"]].items() if k != "float mAP"})
         rows, command = saved["rows"], f"{saved['command']}; then {command}"
     labels = ["float mAP", *SCHEMES, f"QAT {args.qat_epochs} epochs", *PEERS]
     print(
