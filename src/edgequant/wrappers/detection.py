@@ -217,11 +217,7 @@ class DetectionModule(nn.Module):
 
     def core_inputs(self, images: Any) -> torch.Tensor:
         """The normalized, resized image batch the quantized network takes (the detector's transform, eval mode)."""
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            images = [images]
-        with torch.no_grad():
-            image_list, _ = self._transform(list(images))
-        return image_list.tensors
+        return network_inputs(self._transform, images)
 
     def _core_batches(self, data: Iterable) -> Iterator[torch.Tensor]:
         for batch in data:
@@ -423,6 +419,14 @@ def _matches(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> 
     return int(close.any(dim=1).sum())
 
 
+@torch.no_grad()
+def network_inputs(transform: nn.Module, images: Any) -> torch.Tensor:
+    """The batch a detector's (eval-mode) transform makes of `images`: what its quantized network takes."""
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        images = [images]
+    return transform(list(images))[0].tensors
+
+
 def wrap_detector(cls: type, detector: nn.Module, family: str, *args: Any, **kwargs: Any) -> DetectionModule:
     """`cls(detector, example_inputs, ...)` for a torchvision detector: the wrapper of its core, in a DetectionModule.
 
@@ -438,14 +442,13 @@ def wrap_detector(cls: type, detector: nn.Module, family: str, *args: Any, **kwa
         raise UsageError("a detector takes example_inputs=(images,): one (N, 3, H, W) batch at the deployment size")
     images = images_of(example[0]) if not isinstance(example[0], torch.Tensor) else example[0]
     transform = copy.deepcopy(detector.transform).eval()
-    with torch.no_grad():
-        core_images = transform(list(images))[0].tensors
+    core_images = network_inputs(transform, images)
     core = DetectionCore(detector, family)
     arguments["model"] = core
     arguments["example_inputs"] = (core_images,)
     if arguments.get("calibration_data") is not None:
         data = arguments["calibration_data"]
-        arguments["calibration_data"] = [transform(list(images_of(batch)))[0].tensors for batch in data]
+        arguments["calibration_data"] = [network_inputs(transform, images_of(batch)) for batch in data]
     quantized = cls(**arguments)
     trains = bool(getattr(cls, "trains", False))
     module = DetectionModule(detector, family, quantized, trains, _levels(core, core_images[:1]))
