@@ -166,7 +166,50 @@ def construct(message: str) -> str:
     return reason.removeprefix("Reason: ")[:200]
 
 
-def run_one(name: str, library: str, scheme: str, size: int | None, status: Path) -> None:
+def adapted_chain(model: nn.Module, example: tuple, scheme: str, batches: list, path: Path) -> dict:
+    """eq.adapt for TDA4VM, then the same chain on the adapted model: changes, agreement, ARM fallbacks."""
+    import edgequant as eq
+    from edgequant.export.parity import PARITY_SQNR_DB
+
+    entry: dict = {"ok": False}
+    try:
+        adapted, report = eq.adapt(model, "TDA4VM", example)
+        entry["changes"] = len(report.changes)
+        entry["kinds"] = sorted({c.replacement for c in report.changes})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = eq.PTQModule(adapted, example, scheme).calibrate(batches, progress=False)
+            result = qmodel.export(path)
+        entry["sqnr_db"] = round(result.parity.sqnr_db, 2) if math.isfinite(result.parity.sqnr_db) else "exact"
+        entry["ok"] = result.parity.sqnr_db >= PARITY_SQNR_DB
+        entry["tidl"] = {
+            device: len(
+                set(
+                    (
+                        result.tidl_check if device == result.device.name else eq.tidl_check(result.tidl_path, device)
+                    ).fallback
+                )
+            )
+            for device in TIDL_DEVICES
+        }
+    except Exception as error:
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        entry["error"] = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return entry
+
+
+def adapt_text(row: dict) -> str:
+    """The adapted model's cell: pass / FAIL, how many changes, TIDL fallbacks per device; "-" when not run."""
+    entry = row.get("adapt")
+    if not entry:
+        return "-"
+    if not entry["ok"]:
+        return "FAIL: " + entry.get("error", f"{entry.get('sqnr_db')} dB").replace("|", "\\|")[:100]
+    fallback = " / ".join(str(entry["tidl"][d]) for d in TIDL_DEVICES)
+    return f"pass ({entry['changes']} changes; {fallback})"
+
+
+def run_one(name: str, library: str, scheme: str, size: int | None, status: Path, adapt: bool = True) -> None:
     """Run the chain for one model, writing the row (stage reached, error) to `status` after each stage."""
     import edgequant as eq
     from edgequant.core.errors import UnquantizedOpsWarning
@@ -227,6 +270,9 @@ def run_one(name: str, library: str, scheme: str, size: int | None, status: Path
                     "fallback": len(fallback),
                     "ops": sorted({f.op_type for f in report.findings if f.node in fallback}),
                 }
+            if adapt:
+                mark("adapt")
+                row["adapt"] = adapted_chain(model, example, scheme, batches, Path(tmp) / f"{name}_adapted.onnx")
         row["parity"] = str(result.parity)
         row["sqnr_db"] = round(result.parity.sqnr_db, 2) if math.isfinite(result.parity.sqnr_db) else "exact"
         if result.parity.rounding is not None:
@@ -256,13 +302,16 @@ def row_key(row: dict) -> tuple[str, str, int | None]:
     return row["model"], row.get("scheme", DEFAULT_SCHEME), row.get("size_arg")
 
 
-def run_isolated(name: str, library: str, scheme: str, size: int | None, timeout: float, memory_gb: float) -> dict:
+def run_isolated(
+    name: str, library: str, scheme: str, size: int | None, timeout: float, memory_gb: float, no_adapt: bool = False
+) -> dict:
     """One model in a child process, so that a hang, a crash or memory use costs only this row."""
     with tempfile.TemporaryDirectory() as tmp:
         status = Path(tmp) / "row.json"
         command = [sys.executable, __file__, "--one", name, "--library", library, "--scheme", scheme]
         command += ["--status", str(status), "--memory-gb", str(memory_gb)]
         command += ["--size", str(size)] if size else []
+        command += ["--no-adapt"] if no_adapt else []
         env = os.environ | {"HF_HUB_OFFLINE": "1"}  # random weights: nothing may be downloaded
         start = time.perf_counter()
         try:
@@ -394,6 +443,7 @@ def _rows_table(rows: list[dict]) -> str:
             "peak GB",
             "ops left in float",
             "TIDL ARM fallback (TDA4VM / AM68A)",
+            "adapted for TDA4VM (changes; fallback TDA4VM / AM68A)",
         ],
         [
             [
@@ -410,6 +460,7 @@ def _rows_table(rows: list[dict]) -> str:
                 r.get("peak_rss_gb", "-"),
                 ", ".join(r.get("float_ops", {})),
                 tidl_text(r),
+                adapt_text(r),
             ]
             for r in rows
         ],
@@ -522,10 +573,15 @@ def write_coverage() -> None:
         "- dict or nested outputs (segmentation models) become ONNX outputs in order;",
         "- a BN with no conv before it (pre-activation blocks) is requantized at its output.",
         "",
-        "The last column runs TIDL's import rules (`eq.tidl_check`, rules from TI's",
+        "The TIDL column runs TIDL's import rules (`eq.tidl_check`, rules from TI's",
         "docs/supported_ops_rts_versions.md) on each exported static TIDL model: how many nodes",
         "TIDL would run on the ARM core instead of the accelerator, on TDA4VM / AM68A, with their op",
         "types; `-` where the row predates the checker or did not export.",
+        "",
+        "The last column takes the same model through model surgery first (`eq.adapt(model,",
+        "'TDA4VM', example_inputs)`, [surgery](surgery.md)) and then the same chain: pass when the",
+        "adapted model wraps, calibrates, exports and agrees with onnxruntime (same SQNR rule), with",
+        "the number of changes and the ARM fallbacks left on TDA4VM / AM68A; `-` where not run yet.",
         "",
         f"torch {torch.__version__}, torchvision {torchvision.__version__}"
         + (f", timm {_timm_version()}" if _timm_version() else "")
@@ -570,13 +626,14 @@ def main() -> None:
     )
     parser.add_argument("--update", action="store_true", help="merge these rows into the existing results")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/coverage.md from the saved results")
+    parser.add_argument("--no-adapt", action="store_true", help="skip the adapted-model column (eq.adapt, TDA4VM)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--status", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         limit = int(args.memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        run_one(args.one, args.library, args.scheme, args.size, args.status)
+        run_one(args.one, args.library, args.scheme, args.size, args.status, adapt=not args.no_adapt)
         return
     if args.render:
         write_coverage()
@@ -603,7 +660,7 @@ def main() -> None:
         if args.budget_minutes is not None and time.monotonic() - began > 60 * args.budget_minutes:
             print(f"{name}: not run (past --budget-minutes {args.budget_minutes:g})", flush=True)
             continue
-        row = run_isolated(name, args.library, args.scheme, args.size, args.timeout, args.memory_gb)
+        row = run_isolated(name, args.library, args.scheme, args.size, args.timeout, args.memory_gb, args.no_adapt)
         rows[row_key(row)] = row
         verdict = "pass" if row["ok"] else f"FAIL at {row['stage']}: {row.get('error', '')}"
         print(f"{name}: {verdict}, SQNR (dB) {sqnr_text(row)} ({row['seconds']} s)", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .helpers import ROOT
 
 # Lowest first. A module may import from its own package and from packages before it.
-FLOORS = ("core", "numerics", "graph", "export", "wrappers", "diagnose", "demo", "cli")
+FLOORS = ("core", "numerics", "graph", "export", "wrappers", "surgery", "diagnose", "demo", "cli")
 FACADE = ("edgequant", "edgequant.__main__")
 
 
@@ -122,7 +122,8 @@ def test_the_check_finds_an_upward_import_a_cycle_and_a_stray_module(tmp_path: P
     (package / "flat.py").write_text("")
     assert violations(package) == [
         "edgequant.export.c imports the facade edgequant",
-        "edgequant.flat is on no floor (expected a package among core, numerics, graph, export, wrappers, diagnose, "
+        "edgequant.flat is on no floor (expected a package among core, numerics, graph, export, wrappers, surgery, "
+        "diagnose, "
         "demo, cli)",
         "edgequant.graph.a (graph) imports edgequant.export.b (export), a higher floor",
         "import cycle: edgequant.export.b -> edgequant.export.c -> edgequant.export.b",

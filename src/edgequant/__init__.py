@@ -31,6 +31,8 @@ from .export.tidl_check import TidlCheckReport, tidl_check  # noqa: E402
 from .graph.capture import CaptureError  # noqa: E402
 from .numerics import distributed  # noqa: E402  (eq.distributed.init_process_group, for torchrun)
 from .numerics.scheme import PRESETS, Scheme, get_scheme  # noqa: E402
+from .surgery.adapt import AdaptReport, adapt, default_replacements  # noqa: E402
+from .surgery.distill import DistillConfig, finetune_adapted  # noqa: E402
 from .wrappers.checkpoint import CheckpointError  # noqa: E402
 from .wrappers.detection import DetectionModule  # noqa: E402
 from .wrappers.ptq import PTQConfig, PTQModule  # noqa: E402
@@ -39,11 +41,13 @@ from .wrappers.schedule import FreezeSchedule  # noqa: E402
 
 __all__ = [
     "PRESETS",
+    "AdaptReport",
     "AnalysisReport",
     "CaptureError",
     "CaptureWarning",
     "CheckpointError",
     "DetectionModule",
+    "DistillConfig",
     "EdgequantError",
     "EdgequantWarning",
     "ExportResult",
@@ -65,9 +69,12 @@ __all__ = [
     "TidlCheckReport",
     "TidlFallbackWarning",
     "UnquantizedOpsWarning",
+    "adapt",
     "analyze",
     "check",
+    "default_replacements",
     "distributed",
+    "finetune_adapted",
     "get_scheme",
     "tidl_check",
 ]

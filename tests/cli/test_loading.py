@@ -68,6 +68,17 @@ def test_spec_may_name_a_model_instance_or_a_file(tmp_path):
     assert resolve_model(f"{source}:build").out_features == 5
 
 
+def test_spec_may_be_a_whole_saved_model(tmp_path):
+    torch.save(nn.Sequential(nn.Linear(3, 5)).train(), tmp_path / "whole.pt")
+    loaded = resolve_model(str(tmp_path / "whole.pt"))
+    assert isinstance(loaded, nn.Sequential) and loaded[0].out_features == 5 and not loaded.training
+    torch.save(nn.Linear(3, 5).state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ModelSpecError, match="holds a OrderedDict, not a whole model"):
+        resolve_model(str(tmp_path / "weights.pt"))
+    with pytest.raises(ModelSpecError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.pt"))
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

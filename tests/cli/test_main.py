@@ -59,15 +59,78 @@ def conv_without_bn() -> nn.Module:
     )
 
 
+def one_epoch(model: nn.Module, lr: float, path: Path) -> Path:
+    """`model` trained for one epoch on the digits, its state_dict saved at `path`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    train_epochs(model, digits_data("train", batch_size=32).loader, 1, optimizer)
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """small_cnn trained for one epoch on the digits (about 90% top-1), saved as a state_dict."""
-    model = small_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    train_epochs(model, digits_data("train", batch_size=32).loader, 1, optimizer)
-    path = tmp_path_factory.mktemp("weights") / "small_cnn.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return one_epoch(small_cnn(), 0.01, tmp_path_factory.mktemp("weights") / "small_cnn.pt")
+
+
+def small_lite() -> nn.Module:
+    """small_cnn's kin with what TDA4VM runs badly: hardswish and a 5x5 stride-1 depthwise conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Hardswish(),
+        nn.Conv2d(16, 16, 5, 1, 2, groups=16, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def lite_weights(tmp_path_factory) -> Path:
+    return one_epoch(small_lite(), 0.05, tmp_path_factory.mktemp("lite") / "small_lite.pt")
+
+
+@pytest.mark.slow
+def test_adapt_writes_a_model_ptq_takes(lite_weights, tmp_path, capsys):
+    out = tmp_path / "lite.pt"
+    spec = "tests.cli.test_main:small_lite"
+    args = ["adapt", spec, "--weights", str(lite_weights), "--data", "digits", "--device", "tda4vm"]
+    assert main([*args, "--epochs", "1", "--batch-size", "32", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    kinds = {c["replacement"] for c in result["report"]["changes"]}
+    assert kinds == {"hardswish", "depthwise-kernel"} and result["device"] == "TDA4VM"
+    assert set(result["top1"]) == {"original", "adapted", "fine-tuned (1 epochs)"}
+    saved = json.loads((tmp_path / "lite.adapt.json").read_text())
+    assert saved["changes"] == result["report"]["changes"]
+    adapted = torch.load(out, weights_only=False)
+    assert isinstance(adapted, nn.Sequential) and type(adapted[2]) is nn.ReLU
+    onnx_path = tmp_path / "lite.onnx"
+    assert main(["ptq", str(out), "--data", "digits", "--calib-samples", "32", "-o", str(onnx_path), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["tidl_check"]["fallback"] == [] and exported["tidl_check"]["advice"] == []
+    assert exported["top1"]["float"] == pytest.approx(result["top1"]["fine-tuned (1 epochs)"])
+    error = fails(
+        [
+            "adapt",
+            spec,
+            "--weights",
+            str(lite_weights),
+            "--data",
+            "digits",
+            "--device",
+            "TDA4VM",
+            "--replacements",
+            "swish",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
+    assert "unknown replacements ['swish']" in error
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ CODES = (
     "adam-optimizer",
     "untrained-bn",
     "dead-channel",
+    "surgery-candidate",
 )
 
 
@@ -311,7 +312,8 @@ def test_rendering():
         "No findings. Checked: conv-without-bn, depthwise-heavy, dead-channel, weight-range, not-capturable, "
         "activation-range."
     )
-    assert set(checked_codes(optimizer=True, example_inputs=True)) == set(CODES) - {"untrained-bn"}
+    assert set(checked_codes(optimizer=True, example_inputs=True, device=True)) == set(CODES) - {"untrained-bn"}
+    assert "surgery-candidate" not in checked_codes(optimizer=True, example_inputs=True)
     with pytest.raises(ValueError, match="severity"):
         Finding("fatal", "x", (), "")
 
@@ -336,5 +338,32 @@ def test_messages_are_one_line(images):
         model.conv1.weight[0, 0, 0, 0] = 100.0
         model.bn1.bias[0] = 1e4
     findings = check(model, torch.optim.AdamW(model.parameters(), weight_decay=0.0), images)
-    assert set(codes(findings)) == set(CODES) - {"depthwise-heavy", "low-weight-decay", "untrained-bn", "dead-channel"}
+    assert set(codes(findings)) == set(CODES) - {
+        "depthwise-heavy",
+        "low-weight-decay",
+        "untrained-bn",
+        "dead-channel",
+        "surgery-candidate",
+    }
     assert all("\n" not in str(f) for f in findings)
+
+
+def test_surgery_candidates_for_a_device():
+    model = build_model("mobilenet_v3_small").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not [f for f in check(model, example_inputs=(x,)) if f.code == "surgery-candidate"]
+    found = {
+        f.message.split(": ")[1].split(" (")[0]: f
+        for f in check(model, example_inputs=(x,), device="TDA4VM")
+        if f.code == "surgery-candidate"
+    }
+    assert "Hardswish -> ReLU" in found and "squeeze-excitation block -> identity" in found
+    depthwise = next(f for text, f in found.items() if text.startswith("depthwise kernel TIDL lacks"))
+    assert (
+        depthwise.severity == "info"
+        and depthwise.message.endswith("(exact).")
+        and "features.5.block.1.0" in depthwise.subject
+    )
+    assert "eq.adapt(model, device='TDA4VM', example_inputs=...) would replace" in depthwise.message
+    newer = [f for f in check(model, example_inputs=(x,), device="AM68A") if f.code == "surgery-candidate"]
+    assert all(f.message.endswith("(exact).") for f in newer) and newer

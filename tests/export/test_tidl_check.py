@@ -236,8 +236,53 @@ CASES = [
 ]
 
 
+def gate(op: str = "Mul") -> onnx.ModelProto:
+    """Squeeze-excitation's end: the feature map times a per-channel gate computed from it."""
+    pool = helper.make_node("GlobalAveragePool", ["xq"], ["g"], name="p")
+    sigmoid = helper.make_node("Sigmoid", ["g"], ["s2"], name="s2")
+    return build(pool, sigmoid, node(op, ["xq", "s2"]))
+
+
+# Advisory rules: (rule id, device, a model whose node "n" the rule advises on, one it does not)
+ADVICE = [
+    ("conv-even-kernel", "AM68A", conv(w=(4, 4, 2, 2), strides=[2, 2]), conv()),
+    (
+        "pool-kernel",
+        "AM68A",
+        build(node("MaxPool", ["xq"], kernel_shape=[5, 5], pads=[2] * 4)),
+        build(node("MaxPool", ["xq"], kernel_shape=[3, 3], strides=[2, 2])),
+    ),
+    ("lite-activation", "TDA4VM", build(node("HardSwish", ["xq"])), build(node("Relu", ["xq"]))),
+    ("lut-activation", "AM62A", build(node("Sigmoid", ["xq"])), build(node("HardSwish", ["xq"]))),
+    ("squeeze-excitation", "TDA4VM", gate(), relu_then("Mul", ["xq", "r"])),
+    (
+        "layer-norm",
+        "TDA4VM",
+        build(node("LayerNormalization", ["xq", "g"], axis=-1), consts={"g": np.ones(8, F32)}),
+        build(node("BatchNormalization", ["xq", "g", "b", "mu", "var"]), consts=BN),
+    ),
+]
+
+
 def test_every_rule_has_cases():
-    assert {case[0] for case in CASES} | {"dynamic-dims"} == {rule.id for rule in RULES}
+    assert {case[0] for case in CASES} | {case[0] for case in ADVICE} | {"dynamic-dims"} == {r.id for r in RULES}
+    assert {case[0] for case in ADVICE} == {r.id for r in RULES if not r.fallback}
+
+
+@pytest.mark.parametrize(("rule", "device", "bad", "good"), ADVICE, ids=[c[0] for c in ADVICE])
+def test_advice_is_not_fallback(rule, device, bad, good):
+    report = tidl_check(bad, device)
+    assert any(f.rule == rule and f.node == "n" for f in report.advice), str(report)
+    assert rule not in {f.rule for f in report.findings} and "n" not in report.fallback
+    assert "TI's model surgery would replace (eq.adapt)" in report.summary and "  advice: n (" in str(report)
+    assert report.to_dict()["advice"][0]["rule"] in {r.id for r in RULES}
+    assert rule not in {f.rule for f in tidl_check(good, device).advice}
+
+
+def test_advice_follows_the_device():
+    assert [f.rule for f in tidl_check(build(node("HardSwish", ["xq"])), "AM68A").advice] == []
+    assert [f.rule for f in tidl_check(gate(), "AM69A").advice] == []
+    assert {f.rule for f in tidl_check(build(node("Sigmoid", ["xq"])), "TDA4VM").advice} == {"lite-activation"}
     assert all(isinstance(rule, Rule) and rule.message and rule.fix and rule.source for rule in RULES)
 
 

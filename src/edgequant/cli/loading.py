@@ -115,6 +115,24 @@ def _factory_model(spec: str, module_name: str, attr: str, num_classes: int | No
     return model
 
 
+def is_model_file(spec: str) -> bool:
+    """Whether a MODEL argument names a file holding a whole model (``adapted.pt``)."""
+    return spec.endswith((".pt", ".pth")) and ":" not in spec
+
+
+def _pickled_model(path: Path) -> nn.Module:
+    """A whole model saved with torch.save(model, path); only load files you trust (it runs pickle)."""
+    if not path.is_file():
+        raise ModelSpecError(f"model file {path} does not exist")
+    model = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"{path} holds a {type(model).__name__}, not a whole model; a state_dict goes with --weights and "
+            "a MODEL such as torchvision:NAME"
+        )
+    return model.eval()
+
+
 def resolve_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """Build the model a MODEL argument names, in eval mode, never downloading weights.
 
@@ -122,7 +140,10 @@ def resolve_model(spec: str, num_classes: int | None = None) -> nn.Module:
     ``num_classes`` outputs (torchvision's default when None). ``module:factory`` imports
     the module (``path/to/file.py`` works too) and calls ``factory()``, passing
     ``num_classes`` only when it is given; the attribute may also be a model instance.
+    A ``.pt`` file holding a whole pickled model (as `edgequant adapt` writes) is loaded.
     """
+    if is_model_file(spec):
+        return _pickled_model(Path(spec))
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ModelSpecError(f"model spec {spec!r} should look like torchvision:resnet18 or package.module:factory")

@@ -26,19 +26,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import EdgequantError, TidlFallbackWarning, UsageError
-from ..core.files import check_writable
+from ..core.files import atomic_path, check_writable
 from ..core.version import __version__
 from ..demo.training import accuracy, cache_dir, float_digits_model, train_epochs
 from ..export.devices import DEVICES
 from ..export.tidl_check import tidl_check
 from ..numerics.scheme import PRESETS
+from ..surgery.distill import DistillConfig, finetune_adapted
+from ..surgery.replacements import BY_NAME
 from ..wrappers.ptq import ESTIMATORS, PTQConfig, PTQModule
 from ..wrappers.qat import QATConfig, QATModule
 from ..wrappers.schedule import FreezeSchedule
 from . import detection
 from .common import export_summary, indented, note, print_summary, scheme_of
 from .detection import is_detection
-from .loading import DIGITS, RESIZE_MODES, ImageData, load_data, load_weights, resolve_model
+from .loading import DIGITS, RESIZE_MODES, ImageData, is_model_file, load_data, load_weights, resolve_model
 
 EXAMPLE_BATCH = 16
 # What the user can fix (every error edgequant raises on purpose, files) prints one line; anything
@@ -62,7 +64,7 @@ def _model(args: argparse.Namespace, data: ImageData | None, weights_required: b
     num_classes = args.num_classes
     if num_classes is None and data is not None and _is_torchvision(args.model):
         num_classes = data.num_classes
-    if args.weights is None and weights_required:
+    if args.weights is None and weights_required and not is_model_file(args.model):
         if getattr(args, "data", None) == DIGITS and _is_torchvision(args.model) and num_classes in (None, 10):
             name = args.model.partition(":")[2]
             resolve_model(args.model, 10)  # a clear error for unknown names before any training
@@ -175,9 +177,9 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
         note("no --weights: checking the architecture of a randomly initialised model")
     example = (torch.randn(2, args.channels, args.input_size, args.input_size),)
     _run_once(model, example, args.model)
-    findings = check(model, example_inputs=example)
+    findings = check(model, example_inputs=example, device=args.device)
     if not args.json:
-        print(format_findings(findings, checked_codes(optimizer=False, example_inputs=True)))
+        print(format_findings(findings, checked_codes(optimizer=False, example_inputs=True, device=bool(args.device))))
     report = None
     if args.device is not None:
         report = _tidl_import_check(model, example, args.device)
@@ -200,6 +202,63 @@ def _tidl_import_check(model: nn.Module, example: tuple[torch.Tensor, ...], devi
     qmodel = PTQModule(model, example, device=device).calibrate([example], progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         return qmodel.export(Path(tmp) / "model.onnx").tidl_check
+
+
+def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
+    """`edgequant adapt`: model surgery for a device, distillation from the original, the adapted model saved."""
+    from ..surgery.adapt import adapt, default_replacements
+
+    if is_detection(args):
+        raise UsageError("`edgequant adapt` takes classifiers; adapt a detector in Python: eq.adapt(detector, ...)")
+    start = time.perf_counter()
+    check_writable(args.output)
+    report_path = args.report or args.output.with_suffix(".adapt.json")
+    check_writable(report_path)
+    train = _data(args, "train", args.limit, shuffle=True)
+    evaluation = _eval_data(args)
+    model = _model(args, evaluation, weights_required=True)
+    example = _example_inputs(train)
+    classes = _classes_out(model, example, args.model)
+    chosen = None if args.replacements is None else [r for r in args.replacements.split(",") if r]
+    if args.add:
+        chosen = sorted(default_replacements(args.device) | set(args.add.split(",")))
+    adapted, report = adapt(model, args.device, example, chosen)
+    top1: list[tuple[str, float]] = []
+    if classes is not None:
+        _check_labels(classes, evaluation, args.model)
+        top1 += [
+            ("original", _float_top1(model, evaluation, classes)),
+            ("adapted", _top1(adapted, evaluation, "adapted")),
+        ]
+    if args.epochs and not report.exact:
+        config = DistillConfig(epochs=args.epochs, **({} if args.lr is None else {"lr": args.lr}))
+        finetune_adapted(adapted, model, train.loader, config)
+        if classes is not None:
+            top1.append((f"fine-tuned ({args.epochs} epochs)", _top1(adapted, evaluation, "fine-tuned")))
+    with atomic_path(args.output) as tmp:
+        torch.save(adapted, tmp)
+    report.save(report_path)
+    seconds = time.perf_counter() - start
+    body = [str(report), ""]
+    if top1:
+        body += [f"  evaluation: {evaluation.description}", _table(top1), ""]
+    body += [
+        f"  wrote {args.output} (the whole model: edgequant ptq {args.output} ..., or torch.load(path, "
+        "weights_only=False)) and the report "
+        f"{report_path}",
+        f"  time {seconds:.1f} s",
+    ]
+    print_summary(args, [f"edgequant adapt: {args.model} for {args.device}", *body])
+    return {
+        "command": "adapt",
+        "model": args.model,
+        "device": args.device,
+        "report": report.to_dict(),
+        "top1": dict(top1) or None,
+        "output": str(args.output),
+        "report_path": str(report_path),
+        "seconds": seconds,
+    }
 
 
 def cmd_tidl_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,7 +428,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
 MODEL_HELP = """\
 MODEL is torchvision:NAME (random init, --num-classes outputs; weights are never
 downloaded) or package.module:factory / path/to/file.py:factory for your own code
-(factory() is called, with num_classes=N only when --num-classes is given).
+(factory() is called, with num_classes=N only when --num-classes is given), or a
+.pt file holding a whole model (as `edgequant adapt` writes it).
 """
 
 DATA_HELP = """\
@@ -398,6 +458,21 @@ examples:
   edgequant check mypackage.models:build_net --weights net.pt --input-size 320
   edgequant check torchvision:resnet18 --json > findings.json
   edgequant check torchvision:mobilenet_v3_small --device AM62A   # + TIDL's import rules
+""",
+    "adapt": f"""\
+{MODEL_HELP}
+{DATA_HELP}
+Replacements (docs/surgery.md): {", ".join(BY_NAME)}. Without --replacements, the
+device's: all of them on TDA4VM (as TI's lite models), the exact ones elsewhere (and on
+AM62A the activations it has no look-up tables for). Approximate replacements are then
+distilled from the original for --epochs on the --data images. OUTPUT holds the whole
+adapted model; pass it as MODEL to `edgequant ptq` / `qat`.
+
+examples:
+  edgequant adapt torchvision:mobilenet_v3_small --data digits --device TDA4VM -o mnv3_lite.pt
+  edgequant ptq mnv3_lite.pt --data digits --device TDA4VM -o mnv3_lite.onnx
+  edgequant adapt torchvision:efficientnet_b0 --weights b0.pt --data train/ --device AM68A \
+      --add silu -o b0_am68a.pt
 """,
     "tidl-check": """\
 Rules from TI's docs/supported_ops_rts_versions.md (edgeai-tidl-tools): supported ops,
@@ -582,7 +657,28 @@ def build_parser() -> argparse.ArgumentParser:
     check = add("check", "list the quantization-guideline findings for a model", cmd_check, [model, common])
     check.add_argument("--input-size", type=_positive, default=224, metavar="S", help="input size (default: 224)")
     check.add_argument("--channels", type=_positive, default=3, metavar="C", help="input channels (default: 3)")
-    _device_option(check, "also check TIDL's import rules on the model as exported for this device")
+    _device_option(check, "also list what `edgequant adapt` would change and check TIDL's import rules on the export")
+
+    surgery = add(
+        "adapt",
+        "replace what a TIDL device runs badly (model surgery) and distill the adapted model from the original",
+        cmd_adapt,
+        [model, data, common],
+    )
+    _device_option(surgery, "the TIDL device to adapt the model for", required=True)
+    which = surgery.add_mutually_exclusive_group()
+    which.add_argument(
+        "--replacements", metavar="NAMES", help="comma-separated replacements to make (default: the device's)"
+    )
+    which.add_argument("--add", metavar="NAMES", help="comma-separated replacements to make besides the device's")
+    surgery.add_argument(
+        "--epochs", type=int, default=5, metavar="N", help="distillation epochs, 0 for none (default: 5)"
+    )
+    surgery.add_argument(
+        "--lr", type=float, metavar="LR", help=f"distillation learning rate (default: {DistillConfig().lr:g}, AdamW)"
+    )
+    surgery.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="adapted model file (.pt)")
+    surgery.add_argument("--report", type=Path, metavar="PATH", help="report JSON (default: OUTPUT with .adapt.json)")
 
     tidl = add(
         "tidl-check",

@@ -7,7 +7,7 @@ same digits-trained models without downloading weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.errors import UsageError
 from ..core.files import atomic_path
 from ..export.runtime import run_onnx, session
+from ..surgery.distill import recompute_bn_statistics
 from .data import NUM_CLASSES, digits_loader
 
 
@@ -32,12 +34,20 @@ def cache_dir() -> Path:
 
 
 def build_model(name: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module:
-    """A randomly initialised torchvision classifier (weights are never downloaded)."""
+    """A randomly initialised torchvision classifier, or timm's with a ``timm:`` prefix (never downloaded)."""
+    torch.manual_seed(seed)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise UsageError(f"{name} needs timm: pip install -e '.[zoo]'") from None
+        if name[5:] not in timm.list_models():
+            raise UsageError(f"unknown timm model {name[5:]!r}")
+        return timm.create_model(name[5:], pretrained=False, num_classes=num_classes)
     try:
         factory = torchvision.models.get_model_builder(name)
     except ValueError:
         raise UsageError(f"unknown torchvision model {name!r}") from None
-    torch.manual_seed(seed)
     return factory(weights=None, num_classes=num_classes)
 
 
@@ -113,9 +123,9 @@ class FloatRecipe:
 
     def cache_name(self, model_name: str) -> str:
         if self.name == "default":  # the file name checkpoints have always had
-            return f"{model_name}_digits_e{self.epochs}_{RECIPE}.pt"
+            return f"{model_name.replace(':', '_')}_digits_e{self.epochs}_{RECIPE}.pt"
         length = "" if self.epochs == FLOAT_EPOCHS else f"_e{self.epochs}"
-        return f"{model_name}_digits_{self.name}{length}_{RECIPE}.pt"
+        return f"{model_name.replace(':', '_')}_digits_{self.name}{length}_{RECIPE}.pt"
 
 
 DEFAULT_RECIPE = FloatRecipe("default")
@@ -143,23 +153,19 @@ def _shift(x: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torc
     return padded[:, :, i : i + x.shape[2], j : j + x.shape[3]]
 
 
-@torch.no_grad()
-def _recompute_bn_statistics(model: nn.Module, loader: Iterable) -> None:
-    """Exact BN running statistics over one pass of the data.
+class Shifted:
+    """A digits loader whose images are randomly shifted each pass: the augmentation of float training."""
 
-    Models with a small BN momentum (mobilenet_v3 uses 0.01) otherwise end a short
-    training run with running statistics far from the data's, and evaluate at chance.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    model.train()
-    for x, _ in loader:
-        model(x)
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
+    def __init__(self, loader: DataLoader, seed: int = 0) -> None:
+        self.loader = loader
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield _shift(x, self.generator), y
 
 
 def float_digits_model(
@@ -203,7 +209,8 @@ def float_digits_model(
             optimizer.step()
             if schedule is not None:
                 schedule.step()
-    _recompute_bn_statistics(model, loader)
+    # Exact statistics: mobilenet_v3's BN momentum of 0.01 ends a short run far from the data's.
+    recompute_bn_statistics(model, (x for x, _ in loader))
     model.eval()
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)

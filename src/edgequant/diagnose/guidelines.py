@@ -32,6 +32,8 @@ from ..graph.batchnorm import DEAD_VARIANCE
 from ..graph.capture import CaptureError, capture, check_example_inputs
 from ..graph.ops import module_name
 from ..numerics.scales import qrange, symmetric_scale
+from ..surgery.adapt import adapt
+from ..surgery.replacements import BY_NAME
 
 DOC = "docs/guidelines.md"
 SEVERITIES = ("error", "warning", "info")
@@ -97,11 +99,12 @@ class Finding:
         return data
 
 
-def checked_codes(optimizer: bool, example_inputs: bool) -> list[str]:
+def checked_codes(optimizer: bool, example_inputs: bool, device: bool = False) -> list[str]:
     """The finding codes `check` looks for, given what it was handed."""
     codes = ["conv-without-bn", "depthwise-heavy", "dead-channel", "weight-range"]
     if example_inputs:
         codes += ["not-capturable", "activation-range"]
+        codes += ["surgery-candidate"] if device else []
     if optimizer:
         codes += ["no-weight-decay", "low-weight-decay", "adam-optimizer"]
     return codes
@@ -122,12 +125,14 @@ def check(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
+    device: str | None = None,
 ) -> list[Finding]:
     """Check a float model (and its optimizer) against docs/guidelines.md; errors first.
 
     The optimizer's param groups are read for weight decay; `example_inputs` enable the
-    torch.export capture check, dataflow-exact layer order and activation ranges. The
-    model is not changed.
+    torch.export capture check, dataflow-exact layer order and activation ranges; with
+    them, `device` lists what `eq.adapt` would replace for that TIDL device. The model
+    is not changed.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,9 +154,41 @@ def check(
     if example_inputs is not None:
         untrained = _untrained_bn(model)
         findings += [_untrained_finding(untrained)] if untrained else _activation_ranges(model, example_inputs)
+    if device is not None and example_inputs is not None and graph is not None:
+        findings += _surgery_candidates(model, example_inputs, device)
     if optimizer is not None:
         findings += _optimizer_findings(model, optimizer)
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def _surgery_candidates(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], device: str) -> list[Finding]:
+    """One finding per kind of replacement `eq.adapt` would make for `device` (and one for those it keeps)."""
+    _, report = adapt(model, device, example_inputs)
+    by_kind: dict[str, list[str]] = {}
+    for change in report.changes:
+        by_kind.setdefault(change.replacement, []).append(change.module)
+    call = f"eq.adapt(model, device={report.device!r}, example_inputs=...)"
+    findings = [
+        Finding(
+            "info",
+            "surgery-candidate",
+            tuple(dict.fromkeys(modules)),
+            f"{call} would replace {_plural(len(set(modules)), 'module')}: {BY_NAME[kind].what} "
+            + ("(exact)." if BY_NAME[kind].exact else "(approximate: fine-tune with eq.finetune_adapted)."),
+        )
+        for kind, modules in by_kind.items()
+    ]
+    if report.kept:
+        reasons = "; ".join(dict.fromkeys(c.after.removeprefix("kept: ") for c in report.kept))
+        findings.append(
+            Finding(
+                "info",
+                "surgery-candidate",
+                tuple(c.module for c in report.kept),
+                f"{call} would keep {_plural(len(report.kept), 'candidate')} as they are: {reasons}.",
+            )
+        )
+    return findings
 
 
 def _names(names: Sequence[str], limit: int = 3) -> str:

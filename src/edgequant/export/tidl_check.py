@@ -4,6 +4,10 @@ TIDL's importer (TDA4VM / AM6xA) offloads a node only when it follows the rules 
 docs/supported_ops_rts_versions.md (TexasInstruments/edgeai-tidl-tools); other nodes run on
 the ARM core. Each rule is one `Rule` in `RULES`: the ops it applies to, a predicate that
 says why a node breaks it, and what to change.
+
+Advisory rules (`fallback=False`) mark nodes the accelerator runs, but that TI's own model
+surgery ("lite" models) replaces on that device: slow or lossy in 8 bit. They are reported
+as `advice`, never as fallback, and `eq.adapt` reads them to decide what it replaces.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .devices import Device, get_device
 from .tidl_params import OnnxGraph, dequantize
 
 DOC = "docs/supported_ops_rts_versions.md"
+SURGERY = "edgeai-tensorlab edgeai-modeloptimization, xmodelopt surgery (lite models)"
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 REMOVED = ("Constant", "Identity", "Dropout")  # the importer drops them: not layers
 PSEUDO = ("input", "output")  # graph inputs / outputs, checked as nodes of these op types
@@ -44,6 +49,15 @@ SIX_DIMS = (
     "Floor Exp Sin InstanceNormalization Acos Atan Sinh Neg Cos Cosh Tan"
 )
 Shape = tuple[int | None, ...]
+# (kernel h, kernel w, stride) of the depthwise convs TIDL runs (the doc's Conv row).
+DEPTHWISE_KERNELS = frozenset({(3, 3, 1), (3, 3, 2), (5, 5, 2), (7, 7, 1), (7, 7, 2)})
+# Pooling kernels and strides TI has validated (the doc's pooling row).
+POOL_KERNELS = frozenset({1, 2, 3})
+POOL_STRIDES = frozenset({1, 2})
+# Activations TI's lite models for TDA4VM replace by ReLU (edgeai-tensorlab model surgery).
+LITE_ACTIVATIONS = ("Sigmoid", "HardSigmoid", "HardSwish", "Mish", "LeakyRelu", "Clip", "Elu", "Gelu", "Erf")
+# Activations the other devices run through look-up tables, which AM62A lacks (the doc's device table).
+LUT_ACTIVATIONS = ("Sigmoid", "HardSigmoid", "Gelu", "Erf", "Tanh", "Elu")
 
 
 class Context:
@@ -154,6 +168,11 @@ class Rule:
     fix: str
     source: str
     devices: tuple[str, ...] = ()  # empty: every device
+    fallback: bool = True  # False: advisory, the node runs on the accelerator but TI's surgery replaces it
+
+    def on(self, device: Device) -> bool:
+        """Whether the rule is checked on `device`."""
+        return not self.devices or device.name in self.devices
 
     def applies(self, op_type: str) -> bool:
         """Whether the rule looks at nodes of this op type (graph inputs / outputs only when named)."""
@@ -182,19 +201,22 @@ class TidlCheckReport:
     findings: list[NodeFinding]
     fallback: list[str]
     rules: tuple[str, ...]  # ids of the rules checked on this device
+    advice: list[NodeFinding] = dataclasses.field(default_factory=list)  # advisory rules: accelerated nodes
 
     @property
     def summary(self) -> str:
         """One line: how many nodes TIDL offloads, and which fall back."""
         head = f"TIDL import check for {self.device.name}: "
+        advice = len({f.node for f in self.advice})
+        tail = f"; {advice} nodes TI's model surgery would replace (eq.adapt)" if advice else ""
         if not self.findings:
-            return head + f"all {self.nodes} nodes on the accelerator"
+            return head + f"all {self.nodes} nodes on the accelerator" + tail
         head += f"{self.accelerated} of {self.nodes} nodes on the accelerator"
         if self.fallback:
             shown = ", ".join(self.fallback[:5]) + (", ..." if len(self.fallback) > 5 else "")
             head += f"; {len(self.fallback)} fall back to the ARM core ({shown})"
         others = len([f for f in self.findings if f.op_type in PSEUDO])
-        return head + (f"; {others} input/output findings" if others else "")
+        return head + (f"; {others} input/output findings" if others else "") + tail
 
     def to_dict(self) -> dict[str, object]:
         """The report as plain data (for --json)."""
@@ -204,14 +226,16 @@ class TidlCheckReport:
             "accelerated": self.accelerated,
             "fallback": list(self.fallback),
             "findings": [dataclasses.asdict(f) for f in self.findings],
+            "advice": [dataclasses.asdict(f) for f in self.advice],
             "rules": list(self.rules),
         }
 
     def __str__(self) -> str:
         checked = f"rules checked: {', '.join(self.rules)}"
-        if not self.findings:
+        if not self.findings and not self.advice:
             return f"{self.summary} ({checked})"
         lines = [f"  {f.node} ({f.op_type}): {f.message}; fix: {f.fix} [{f.source}]" for f in self.findings]
+        lines += [f"  advice: {f.node} ({f.op_type}): {f.message}; fix: {f.fix} [{f.source}]" for f in self.advice]
         return "\n".join([self.summary + ":", *lines, f"  ({checked})"])
 
 
@@ -238,9 +262,8 @@ def _depthwise(node: onnx.NodeProto, ctx: Context) -> str | None:
     weight, (kernel, strides) = ctx.shape(node.input[1]), _conv(node, ctx)
     if ctx.attr(node, "group", 1) == 1 or not weight or weight[1] != 1:
         return None  # not fully grouped
-    allowed = {(3, 3, 1), (3, 3, 2), (5, 5, 2), (7, 7, 1), (7, 7, 2)}
     stride = strides[0] if len(set(strides)) == 1 else _dims(strides)
-    return None if (*kernel, stride) in allowed else f"depthwise {_dims(kernel)} stride {stride}"
+    return None if (*kernel, stride) in DEPTHWISE_KERNELS else f"depthwise {_dims(kernel)} stride {stride}"
 
 
 def _large_kernel_stride2(node: onnx.NodeProto, ctx: Context) -> str | None:
@@ -461,6 +484,31 @@ def _erf_alone(node: onnx.NodeProto, ctx: Context) -> str | None:
     adds = [n for n in ctx.consumers.get(node.output[0], []) if n.op_type == "Add"]
     muls = [n for add in adds for n in ctx.consumers.get(add.output[0], []) if n.op_type == "Mul"]
     return None if muls else "Erf outside a GELU pattern"
+
+
+def _even_kernel(node: onnx.NodeProto, ctx: Context) -> str | None:
+    kernel = _conv(node, ctx)[0]
+    return f"an even {_dims(kernel)} kernel" if any(k % 2 == 0 for k in kernel) else None
+
+
+def _pool_kernel(node: onnx.NodeProto, ctx: Context) -> str | None:
+    kernel = ctx.attr(node, "kernel_shape") or ()
+    strides = ctx.attr(node, "strides") or (1,) * len(kernel)
+    odd = set(kernel) - POOL_KERNELS or set(strides) - POOL_STRIDES
+    return f"a {_dims(kernel)} kernel with stride {_dims(strides)}" if odd else None
+
+
+def _always(node: onnx.NodeProto, ctx: Context) -> str | None:
+    return node.op_type
+
+
+def _channel_gate(node: onnx.NodeProto, ctx: Context) -> str | None:
+    """A Mul of a feature map by a computed per-channel (N, C, 1, 1) tensor: squeeze-excitation's gate."""
+    shapes = [ctx.shape(name) for name in ctx.variables(node)]
+    if len(shapes) != 2 or any(s is None or len(s) != 4 for s in shapes):
+        return None
+    planes = sorted(math.prod(d or 0 for d in s[2:]) for s in shapes)
+    return "a per-channel gate (squeeze-excitation)" if planes[0] == 1 and planes[1] > 1 else None
 
 
 def _src(op: str) -> str:
@@ -717,7 +765,73 @@ RULES: tuple[Rule, ...] = (
         "clip to a range around 0 (ReLU6 style), or shift the input",
         _src("Clip"),
     ),
+    # Advisory: the accelerator runs these nodes; TI's model surgery replaces them on the device.
+    Rule(
+        "conv-even-kernel",
+        ("Conv",),
+        _even_kernel,
+        "a Conv with {reason}: TI's model surgery makes kernels odd",
+        "eq.adapt pads the kernel with zeros to an odd size (exact)",
+        SURGERY,
+        fallback=False,
+    ),
+    Rule(
+        "pool-kernel",
+        ("MaxPool", "AveragePool"),
+        _pool_kernel,
+        "pooling with {reason} is outside the sizes TI validated (1x1, 2x2, 3x3; stride 1 or 2)",
+        "eq.adapt turns a large max-pool into a cascade of 3x3 pools (exact); average over the whole map "
+        "(a global pool) or with a 2x2 / 3x3 kernel instead of a large average pool",
+        _src("AveragePool / MaxPool"),
+        fallback=False,
+    ),
+    Rule(
+        "lite-activation",
+        LITE_ACTIVATIONS,
+        _always,
+        "{reason}: TI's lite models for this device use ReLU (power-of-2 8-bit ranges lose on smooth activations)",
+        "eq.adapt replaces it with ReLU (approximate: fine-tune with eq.finetune_adapted)",
+        SURGERY,
+        ("TDA4VM",),
+        fallback=False,
+    ),
+    Rule(
+        "lut-activation",
+        LUT_ACTIVATIONS,
+        _always,
+        "{reason} runs without look-up-table acceleration on this device",
+        "eq.adapt replaces it with ReLU (approximate: fine-tune with eq.finetune_adapted)",
+        DOC + ", feature set comparison across devices",
+        ("AM62A",),
+        fallback=False,
+    ),
+    Rule(
+        "squeeze-excitation",
+        ("Mul",),
+        _channel_gate,
+        "{reason}: TI's lite models for this device drop squeeze-excitation",
+        "eq.adapt replaces the block with identity (approximate: fine-tune with eq.finetune_adapted)",
+        SURGERY,
+        ("TDA4VM",),
+        fallback=False,
+    ),
+    Rule(
+        "layer-norm",
+        ("LayerNormalization",),
+        _always,
+        "{reason}: TI's lite models for this device use batch norm",
+        "eq.adapt replaces a layer norm over channels with batch norm (approximate: fine-tune)",
+        SURGERY,
+        ("TDA4VM",),
+        fallback=False,
+    ),
 )
+
+
+def device_rules(device: str | Device) -> tuple[Rule, ...]:
+    """The rules checked on `device`, advisory ones included."""
+    dev = get_device(device)
+    return tuple(rule for rule in RULES if rule.on(dev))
 
 
 def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
@@ -755,23 +869,28 @@ def tidl_check(model: str | os.PathLike[str] | onnx.ModelProto, device: str | De
     initializers = {t.name for t in graph.initializer}
     inputs = [helper.make_node("input", [], [t.name], name=t.name) for t in graph.input if t.name not in initializers]
     outputs = [helper.make_node("output", [t.name], [], name=t.name) for t in graph.output]
-    rules = [rule for rule in RULES if not rule.devices or dev.name in rule.devices]
-    findings = [
-        NodeFinding(
-            _name(node),
-            node.op_type,
-            rule.id,
-            rule.message.format(reason=reason, op=node.op_type),
-            rule.fix,
-            rule.source,
+    rules = device_rules(dev)
+    found = [
+        (
+            rule.fallback,
+            NodeFinding(
+                _name(node),
+                node.op_type,
+                rule.id,
+                rule.message.format(reason=reason, op=node.op_type),
+                rule.fix,
+                rule.source,
+            ),
         )
         for node in (*inputs, *graph.node, *outputs)
         for rule in rules
         if rule.applies(node.op_type) and (reason := rule.broken(node, ctx)) is not None
     ]
+    findings = [f for fallback, f in found if fallback]
+    advice = [f for fallback, f in found if not fallback]
     fallback = list(dict.fromkeys(f.node for f in findings if f.op_type not in PSEUDO))
     counted = {_name(node) for node in graph.node if node.op_type not in (*QDQ, *REMOVED)}
     nodes = sum(node.op_type not in (*QDQ, *REMOVED) for node in graph.node)
     return TidlCheckReport(
-        dev, nodes, nodes - len(counted & set(fallback)), findings, fallback, tuple(r.id for r in rules)
+        dev, nodes, nodes - len(counted & set(fallback)), findings, fallback, tuple(r.id for r in rules), advice
     )
