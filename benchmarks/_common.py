@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quiet torchao's import-time pytree deprecation warning, as edgequant itself does.
@@ -62,6 +63,24 @@ def save(name: str, command: str, rows: list[dict]) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def warm_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """BN statistics from the calibration images, as a trained model would have.
+
+    Only BN runs in train mode, as in capture: auxiliary heads and stochastic depth stay in eval form.
+    """
+    model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.train()
+        bn.momentum = None
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
 
 
 def quantize_on_digits(name: str, scheme: object, epochs: int, lr: float, workdir: Path) -> dict:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from _common import RESULTS, save, table
+from _common import RESULTS, save, table, warm_bn
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,24 +135,6 @@ def input_size(model: nn.Module) -> int:
         except Exception:  # too small for this architecture: try the next size
             continue
     raise ValueError(f"no input size in {candidates} works")
-
-
-def warm_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """BN statistics from the calibration images, as a trained model would have.
-
-    Only BN runs in train mode, as in capture: auxiliary heads and stochastic depth stay in eval form.
-    """
-    model.eval()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.train()
-        bn.momentum = None
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for bn in bns:
-        bn.momentum = 0.1
-    model.eval()
 
 
 def construct(message: str) -> str:

@@ -133,3 +133,13 @@ def test_cumulative_average_bn_is_captured_with_a_warning():
     bn = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default)
     assert bn.args[6] == 0.1
     assert model[1].momentum is None  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_shared_capture_reads_the_callers_tensors_and_leaves_its_modules_alone(share):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    graph = capture(model, (torch.randn(2, 3, 8, 8),), share_weights=share)
+    ours = {t.data_ptr() for t in [*graph.parameters(), *graph.buffers()] if t.numel() > 1}
+    theirs = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 1}
+    assert (ours == theirs) if share else not ours & theirs
+    assert not any(m.training for m in model.modules())  # capture's train-mode BN is set on its copy

@@ -1,3 +1,4 @@
+import copy
 import math
 import operator
 
@@ -89,3 +90,55 @@ def test_convert_leaves_the_training_graph_alone_and_shares_no_tensor_with_it():
         for p in q.parameters():
             p.add_(1.0)  # training goes on after the convert
     assert torch.equal(converted(x), expected)
+
+
+@pytest.mark.parametrize("wrapper", ["ptq", "qat"])
+def test_to_qdq_matches_torchaos_convert_on_a_graph_with_standalone_bn(wrapper):
+    """Skipping torchao's QAT conv+BN fold changes nothing: same nodes, same outputs, bit for bit."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from edgequant import PTQModule
+    from edgequant.graph.batchnorm import fold_fused_bn, set_graph_training
+    from edgequant.graph.convert import rerange_weights, to_qdq
+
+    from ..helpers import tiny_densenet
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    if wrapper == "ptq":
+        q = PTQModule(tiny_densenet(), (x,)).calibrate([x], progress=False)
+    else:
+        q = QATModule(tiny_densenet(), (x,))
+        q(x)
+
+    def ready():
+        model = copy.deepcopy(q.model)
+        set_graph_training(model, dropout=False, batchnorm=False)
+        fold_fused_bn(model)
+        rerange_weights(model)
+        return model
+
+    ours, theirs = to_qdq(ready()), convert_pt2e(ready(), fold_quantize=True)
+    assert any("batch_norm" in str(n.target) for n in ours.graph.nodes)  # the case the fold searched for
+    assert [str(n.target) for n in ours.graph.nodes] == [str(n.target) for n in theirs.graph.nodes]
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_converted_model_keeps_no_float_copy_of_quantized_weights():
+    """Without BN to fold (a ViT's linear layers), the float weights stay module attributes after
+    constant folding; convert drops them instead of copying them (a float model's worth of memory)."""
+    from edgequant import PTQModule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(8, 16)
+    q = PTQModule(model, (x,)).calibrate([x], progress=False)
+    converted = q.convert()
+    read = {n.target for n in converted.graph.nodes if n.op == "get_attr"}
+    tensors = dict([*converted.named_parameters(), *converted.named_buffers()])
+    assert set(tensors) <= read
+    weights = [t for t in tensors.values() if t.shape in {(32, 16), (10, 32)}]
+    assert len(weights) == 2 and all(t.dtype == torch.int8 for t in weights)
+    with torch.no_grad():
+        assert torch.equal(converted(x), q(x))

@@ -184,3 +184,30 @@ def test_bias_correction_reads_each_layers_channels_from_its_own_dim(tmp_path):
     torch.testing.assert_close(mix_input.channel_mean, expected, rtol=1e-5, atol=1e-6)
     result = qmodel.export(tmp_path / "cl.onnx")
     assert result.parity.max_abs_diff == 0.0
+
+
+def test_ptq_shares_the_float_weights_but_never_changes_the_callers_model(tmp_path):
+    """The float graph reads the caller's tensors (one copy less); calibrating, zeroing dead
+    channels, loading another model's state and moving the wrapper must leave the caller's model as it was."""
+    from ..helpers import tiny_densenet
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model = tiny_densenet().eval()
+    model.features.norm0.running_var[:3] = 0.0  # dead channels: zeroed on the float graph
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = eq.PTQModule(model, (x,))
+    shared = {t.data_ptr() for t in q._float.parameters()} & {t.data_ptr() for t in model.parameters()}
+    assert len(shared) > 1 and q.dead_channels
+    q.calibrate([x], progress=False)
+    other = tiny_densenet().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    eq.PTQModule(other, (x,)).calibrate([x], progress=False).save(tmp_path / "other.pt")
+    q.load(tmp_path / "other.pt")  # another model's float weights are written into q's own copies
+    assert torch.equal(q._float.features.conv0.weight, other.features.conv0.weight)
+    q.double()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert q._float.features.conv0.weight.dtype == torch.float64

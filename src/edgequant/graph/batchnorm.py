@@ -33,6 +33,7 @@ from .ops import (
     SYNC_BN_OPS,
     constant,
     module_name,
+    replace_constant,
 )
 
 aten = torch.ops.aten
@@ -109,7 +110,7 @@ def zero_dead_channels(gm: GraphModule) -> dict[str, list[int]]:
     times the others' and alone set a per-tensor weight range, rounding every other
     channel to zero. They only ever multiply zeros, so zeroing them (and setting the
     running mean to the conv bias) leaves BN's output, beta, unchanged in train and eval.
-    The graph's own tensors are edited: call it on a captured copy, never the user's model.
+    Edited tensors are replaced, never written into: the graph may share them with the caller's model.
     """
     found: dict[str, list[int]] = {}
     for conv, bn in conv_bn_pairs(gm):
@@ -120,9 +121,12 @@ def zero_dead_channels(gm: GraphModule) -> dict[str, list[int]]:
         dead = torch.nonzero(var <= DEAD_VARIANCE * eps).flatten()
         if not len(dead) or len(dead) == len(var):
             continue  # nothing dead, or a layer that never saw data (leave it to the user)
+        weight, mean = weight.clone(), mean.clone()
         weight[dead] = 0.0
         bias = constant(gm, conv.args[2]) if len(conv.args) > 2 else None
         mean[dead] = 0.0 if bias is None else bias[dead]
+        replace_constant(gm, conv.args[1], weight)
+        replace_constant(gm, mean_node, mean)
         found[module_name(conv) or conv.name] = dead.tolist()
     return found
 

@@ -291,12 +291,17 @@ def _spatial_dims(index: int, x: torch.Tensor) -> dict[int, torch.export.Dim]:
 
 
 def capture(
-    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_spatial: bool = False
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    dynamic_spatial: bool = False,
+    share_weights: bool = False,
 ) -> torch.fx.GraphModule:
     """Export a copy of `model` (batch dimension dynamic) to an ATen graph module.
 
     BN and dropout are captured in train mode for the wrappers to switch; the rest of
-    the model in eval mode (see `_capture_mode`).
+    the model in eval mode (see `_capture_mode`). With `share_weights` the graph reads
+    the caller's parameters and buffers instead of copies (one float copy of the model
+    less at PTQ's memory peak): for callers that never write into them.
     """
     inputs = batch_of_two(check_example_inputs(example_inputs))
     check_input_dtypes(model, inputs)
@@ -305,7 +310,8 @@ def capture(
     dynamic = tuple({0: batch, **(_spatial_dims(i, x) if dynamic_spatial else {})} for i, x in enumerate(inputs))
     # The exported graph would share parameters with the caller's model; QAT must not
     # train the user's float model in place.
-    model = _capture_mode(copy.deepcopy(model))
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
+    model = _capture_mode(copy.deepcopy(model, shared))
     failure, log = None, ""
     with torch_output() as held:
         try:

@@ -8,12 +8,16 @@ import operator
 
 import torch
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+from torch.fx.passes.infra.pass_manager import PassManager
+from torchao.quantization.pt2e.constant_fold import constant_fold
+from torchao.quantization.pt2e.convert import _convert_to_reference_decomposed_fx
+from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
+from torchao.quantization.pt2e.quantizer import DuplicateDQPass, PortNodeMetaForQDQ
 
 from ..numerics.observers import FakeQuantize
 from ..numerics.scales import qrange, to_grid
 from .batchnorm import fold_fused_bn, set_graph_training
-from .ops import DQ_OPS, WEIGHTED_OPS
+from .ops import DQ_OPS, WEIGHTED_OPS, unshare_tensors
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -30,18 +34,6 @@ def _copy_sharing_tensors(prepared: GraphModule) -> tuple[GraphModule, set[int]]
     return copy.deepcopy(prepared, {id(t): t for t in tensors}), {id(t) for t in tensors}
 
 
-def _unshare(model: GraphModule, shared: set[int]) -> None:
-    """Give the converted model its own copy of what it still shares (e.g. float norm weights)."""
-    for module in model.modules():
-        for attr, value in list(module.named_parameters(recurse=False)):
-            if id(value) in shared:
-                setattr(module, attr, torch.nn.Parameter(value.detach().clone(), value.requires_grad))
-        for attr, value in list(module.named_buffers(recurse=False)):
-            if id(value) in shared:
-                persistent = attr not in module._non_persistent_buffers_set
-                module.register_buffer(attr, value.detach().clone(), persistent=persistent)
-
-
 def convert(prepared: GraphModule) -> GraphModule:
     """Fold BN, turn fake-quant into Q/DQ with int8 weights, and quantize biases to int32.
 
@@ -51,14 +43,54 @@ def convert(prepared: GraphModule) -> GraphModule:
     set_graph_training(model, dropout=False, batchnorm=False)
     fold_fused_bn(model)
     rerange_weights(model)
-    model = convert_pt2e(model, fold_quantize=True)
-    _unshare(model, shared)
+    model = to_qdq(model)
     quantize_biases(model)
-    # torchao makes train()/eval() raise on its graphs; the converted graph is fixed in
-    # inference form, so the plain nn.Module behaviour (flag only) is the right one.
+    drop_unread_tensors(model)
+    unshare_tensors(model, shared)  # e.g. float norm weights
+    # torchao's prepare makes train()/eval() raise on its graphs (the copy inherits that);
+    # the converted graph is fixed in inference form, so the plain nn.Module behaviour
+    # (flag only) is the right one.
     for attr in ("train", "eval"):
         model.__dict__.pop(attr, None)
     return model.eval()
+
+
+def to_qdq(model: GraphModule) -> GraphModule:
+    """torchao's `convert_pt2e(model, fold_quantize=True)` without its QAT conv+BN fold.
+
+    That fold pattern-matches the conv+BN form of torchao's own QAT fusion, which
+    edgequant never builds (BN is folded by `fold_fused_bn` before this). It can never
+    match, yet on a graph that keeps a standalone BN (densenet's BN-ReLU-conv layers) it
+    traces its patterns and searches the graph for each: 72 of densenet121's 83 s of convert.
+    The other steps are torchao's, in its order.
+    """
+    meta = dict(model.meta)
+    model = _convert_to_reference_decomposed_fx(model)
+    model = PassManager([DuplicateDQPass()])(model).graph_module
+    model = PassManager([PortNodeMetaForQDQ()])(model).graph_module
+    constant_fold(model, _quant_node_constraint)
+    model.meta.update(meta)
+    return model
+
+
+def drop_unread_tensors(model: GraphModule) -> int:
+    """Delete the parameters and buffers no node reads any more; return how many.
+
+    Constant folding replaces each quantized weight by its int8 values, but the float
+    weight stays an attribute of the module. Left there, it would be copied when the
+    converted model stops sharing tensors with the prepared one: a whole float copy
+    of a model without BN (a ViT) per convert.
+    """
+    read = {n.target for n in model.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in model.graph.nodes if n.op == "call_module"]
+    dropped = 0
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        owner, _, attr = name.rpartition(".")
+        if name in read or any(owner == c or owner.startswith(c + ".") for c in called):
+            continue
+        delattr(model.get_submodule(owner), attr)
+        dropped += 1
+    return dropped
 
 
 def rerange_weights(model: GraphModule) -> int:

@@ -180,6 +180,30 @@ def constant(gm: GraphModule, node: object) -> torch.Tensor | None:
     return None
 
 
+def replace_constant(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
+    """Point a get_attr node's attribute at a new tensor (a parameter stays a parameter)."""
+    owner_path, _, attr = node.target.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, old.requires_grad))
+    else:
+        persistent = attr not in owner._non_persistent_buffers_set
+        owner.register_buffer(attr, value, persistent=persistent)
+
+
+def unshare_tensors(model: nn.Module, shared: set[int]) -> None:
+    """Give `model` its own copy of each parameter and buffer whose id is in `shared`."""
+    for module in model.modules():
+        for attr, value in list(module.named_parameters(recurse=False)):
+            if id(value) in shared:
+                setattr(module, attr, nn.Parameter(value.detach().clone(), value.requires_grad))
+        for attr, value in list(module.named_buffers(recurse=False)):
+            if id(value) in shared:
+                persistent = attr not in module._non_persistent_buffers_set
+                module.register_buffer(attr, value.detach().clone(), persistent=persistent)
+
+
 def conv_groups(node: Node) -> int:
     """The group count of a conv node (1 for linear layers and convs that leave it out)."""
     return node.args[6] if node.target in CONV_OPS and len(node.args) > 6 else 1

@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..graph.capture import capture
 from ..graph.clipping import clip_weights
 from ..graph.equalization import equalize
 from ..graph.exponents import choose_weight_exponents
-from ..graph.ops import CONV_OPS, WEIGHTED_OPS, activation_quantizer_nodes, producer_module
+from ..graph.ops import CONV_OPS, WEIGHTED_OPS, activation_quantizer_nodes, producer_module, unshare_tensors
 from ..graph.quantizer import EdgeQuantizer
 from ..numerics.observers import RangeObserver
 from ..numerics.scheme import Scheme
@@ -166,7 +166,10 @@ class PTQModule(QuantWrapper):
             raise UsageError(f"config must be an eq.PTQConfig, got {type(config).__name__}")
         super().__init__(example_inputs, scheme, dynamic_spatial, device)
         self.config = config or PTQConfig()
-        self._float = capture(model, self.example_inputs, dynamic_spatial)
+        # The float graph reads the caller's weights: PTQ never writes into them (passes
+        # that edit weights run on the copy `_prepare` makes, or replace tensors).
+        self._float = capture(model, self.example_inputs, dynamic_spatial, share_weights=True)
+        self.__dict__["_caller_tensors"] = {id(t) for t in (*model.parameters(), *model.buffers())}
         set_graph_training(self._float, dropout=False, batchnorm=False)
         # Dead channels (BN running variance ~0) are zeroed on the float graph: exact, see batchnorm.py.
         self.dead_channels = zero_dead_channels(self._float)
@@ -308,6 +311,7 @@ class PTQModule(QuantWrapper):
 
         In train mode every forward pass would widen the loaded ranges.
         """
+        unshare_tensors(self._float, self.__dict__["_caller_tensors"])  # loading writes into them
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._drop_integer_model()
         if int(self.calibrated_samples):
@@ -324,6 +328,16 @@ class PTQModule(QuantWrapper):
                 "this PTQModule has no ranges yet: call calibrate(data) with a few hundred samples first "
                 "(evaluating, converting or exporting it now would use unit scales)"
             )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Self:
+        # .to() / .half() give parameters new tensors instead of editing `.data`, which
+        # the float graph's parameters share with the caller's model.
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         self.check_inputs(args)
