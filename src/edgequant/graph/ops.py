@@ -180,28 +180,28 @@ def constant(gm: GraphModule, node: object) -> torch.Tensor | None:
     return None
 
 
-def replace_constant(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
-    """Point a get_attr node's attribute at a new tensor (a parameter stays a parameter)."""
-    owner_path, _, attr = node.target.rpartition(".")
-    owner = gm.get_submodule(owner_path)
+def _set_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Give `owner.attr` a new tensor: a parameter stays a parameter, a buffer keeps its persistence."""
     old = getattr(owner, attr)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, old.requires_grad))
     else:
-        persistent = attr not in owner._non_persistent_buffers_set
-        owner.register_buffer(attr, value, persistent=persistent)
+        owner.register_buffer(attr, value, persistent=attr not in owner._non_persistent_buffers_set)
+
+
+def replace_constant(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
+    """Point a get_attr node's attribute at a new tensor."""
+    owner_path, _, attr = node.target.rpartition(".")
+    _set_tensor(gm.get_submodule(owner_path), attr, value)
 
 
 def unshare_tensors(model: nn.Module, shared: set[int]) -> None:
     """Give `model` its own copy of each parameter and buffer whose id is in `shared`."""
     for module in model.modules():
-        for attr, value in list(module.named_parameters(recurse=False)):
+        named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, value in named:
             if id(value) in shared:
-                setattr(module, attr, nn.Parameter(value.detach().clone(), value.requires_grad))
-        for attr, value in list(module.named_buffers(recurse=False)):
-            if id(value) in shared:
-                persistent = attr not in module._non_persistent_buffers_set
-                module.register_buffer(attr, value.detach().clone(), persistent=persistent)
+                _set_tensor(module, attr, value.detach().clone())
 
 
 def conv_groups(node: Node) -> int:
