@@ -259,6 +259,8 @@ def run_one(name: str, library: str, scheme: str, size: int | None, status: Path
         row["sqnr_db"] = round(result.parity.sqnr_db, 2) if math.isfinite(result.parity.sqnr_db) else "exact"
         if result.parity.rounding is not None:
             row["divergence"] = str(result.parity.rounding)
+        if result.parity.flip_sqnr_db is not None:
+            row["flip_sqnr_db"] = round(result.parity.flip_sqnr_db, 2)
         # A pass means agreement, not only an export that did not raise: rounding drift that
         # compounds below PARITY_SQNR_DB is what the engine would run, so the model fails here.
         row["ok"] = result.parity.sqnr_db >= PARITY_SQNR_DB
@@ -329,8 +331,10 @@ def reason_note(row: dict) -> str:
         return (
             "the export is correct op by op up to rounding (the first diverging tensor is off by at most one step "
             "on under 1% of its values), but the model amplifies that rounding until onnxruntime's outputs and "
-            "torch's agree below the SQNR bar; the engine would see the same drift. To investigate in edgequant "
-            "(rounding of the op at the first divergence), or check whether a trained model amplifies it less."
+            "torch's agree below the SQNR bar; the engine would see the same drift. The figure in brackets is "
+            "torch against itself with only that tensor's flips made in torch alone (its values nearest a tie "
+            "rounded the other way; inf where later layers absorb them): where it is about as low, the distance "
+            "is the random-weight model's amplification of rounding ties, not a fault of the file."
         )
     if error.startswith("CaptureError"):
         return (
@@ -379,10 +383,13 @@ def tidl_text(row: dict) -> str:
 
 
 def sqnr_text(row: dict) -> str:
+    """onnxruntime vs torch; under drift, also torch vs torch with the same flips (its own amplification)."""
     value = row.get("sqnr_db")
     if value is None:
         return "-"
-    return value if isinstance(value, str) else f"{value:.1f}"
+    text = value if isinstance(value, str) else f"{value:.1f}"
+    flip = row.get("flip_sqnr_db")
+    return text if flip is None else f"{text} (flips in torch alone: {flip:.1f})"
 
 
 def why_text(row: dict) -> str:
@@ -541,7 +548,10 @@ def write_coverage() -> None:
         "not raise; they have no SQNR and keep that mark until they are rerun (`--update --models ...`).",
         "SQNR `exact`: onnxruntime's outputs equal torch's bit for bit (as they must with 8-bit power-of-2",
         "scales and no op left in float); a number: the two runtimes round some ties differently, and the",
-        "number says how far that leaves their outputs apart.",
+        "number says how far that leaves their outputs apart. Under the bar, the figure in brackets is torch",
+        "against itself with only the first diverging tensor's flips made in torch alone, at its values nearest",
+        "a rounding tie (`ParityReport.flip_sqnr_db`): how far the model amplifies that much rounding by itself",
+        "(inf where later layers absorb those flips; later tensors' own ties are not counted).",
         "A model that plain torch.export cannot capture fails at `torch.export`; its row names the",
         "construct that stopped it, from edgequant's capture message.",
         "",

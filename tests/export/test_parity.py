@@ -9,7 +9,16 @@ from torch import nn
 
 from edgequant import EdgequantError, ParityDriftWarning, ParityError, QATModule
 from edgequant.export import parity
-from edgequant.export.parity import Divergence, compare, locate_divergence, output_sqnr_db, reexport
+from edgequant.export.parity import (
+    Divergence,
+    compare,
+    flip_sqnr_db,
+    locate_divergence,
+    output_sqnr_db,
+    output_steps,
+    reexport,
+)
+from edgequant.graph.ops import Q_OPS
 
 from ..helpers import FloatNormNet
 
@@ -102,6 +111,7 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     monkeypatch.setattr(parity, "is_exact", lambda model: False)
     rounding = parity.Divergence("q", "conv1", count=1, size=10_000, max_lsb=1)
     monkeypatch.setattr(parity, "locate_divergence", lambda *args: rounding)
+    monkeypatch.setattr(parity, "flip_sqnr_db", lambda *args: 12.5)
     inputs = (torch.zeros(samples, 3, 8, 8),)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -111,7 +121,23 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     assert (report.sqnr_db >= parity.PARITY_SQNR_DB) == passes
     assert len(drift) == (0 if passes else 1)
     if not passes:
-        assert "dB SQNR" in str(drift[0].message)
+        message = str(drift[0].message)
+        assert "dB SQNR" in message and "torch alone moves torch's outputs to 12.5 dB" in message
+    assert report.flip_sqnr_db == (None if passes else 12.5)
+
+
+def test_flip_sqnr_moves_the_named_values_one_step(exported):
+    """Flipping k values of the output tensor moves the output by k steps: SQNR by hand."""
+    _, reference, inputs, _ = exported
+    last_q = [n for n in reference.graph.nodes if n.target in Q_OPS][-1]
+    step = output_steps(reference)[0]
+    with torch.no_grad():
+        y = reference(*inputs).double()
+    signal = float((y**2).sum())
+    for count in (1, 3):
+        divergence = Divergence(last_q.name, "fc", count=count, size=y.numel(), max_lsb=1)
+        # Each flipped value moves by exactly one output step (up, or down at the top of the range).
+        assert flip_sqnr_db(reference, inputs, divergence) == pytest.approx(10 * np.log10(signal / (count * step**2)))
 
 
 @pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
