@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 from ..core.errors import EdgequantError, ParityDriftWarning
 from ..graph.batchnorm import aten_bn, set_graph_training
 from ..graph.ops import DQ_OPS, EXACT_OPS, Q_OPS, module_name
-from ..numerics.scales import is_power_of_2
+from ..numerics.scales import is_power_of_2, to_grid
 from .runtime import run_onnx, session
 
 aten = torch.ops.aten
@@ -268,7 +268,7 @@ class _Flipper(Interpreter):
             shape[n.args[3]] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
         exact = x / scale
-        nearest = exact.round()
+        nearest = to_grid(x, scale)  # the one rounding: what the quantize node computed before clamping
         away = (exact - exact.floor() - 0.5).abs()  # 0 at a tie
         away[nearest + zero_point != result] = math.inf  # clamped values are no ties
         where = torch.topk(away.reshape(-1), min(self.flips, away.numel()), largest=False).indices
