@@ -4,6 +4,7 @@
     .venv-peers/bin/python benchmarks/ptq_population.py         # the whole population, every peer
     .venv/bin/python benchmarks/ptq_population.py --peers none  # ours only (no peer environment)
     ... --models resnet18 --recipes default high_lr --configs default no_bias_correction
+    ... --peers none --configs default signed    # unsigned 8-bit activations against all-int8
 
 One figure per architecture, from one recipe, proves little: on a model trained the way the
 method's authors train, every method sits at float. The population here is every model of
@@ -45,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,11 @@ MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "e
 POPULATION_RECIPES = ["default", "high_lr", "adam_no_wd", "short", "seed1_no_ls"]
 SCHEMES = ["int8_pow2", "int8_pow2_dw", "int8"]
 CALIB_IMAGES = 128
-# Our PTQ recipes to compare, as PTQConfig edits of the default (the default decides the targets).
+# Our PTQ recipes to compare, as edits of the default PTQConfig or of the scheme (the default decides
+# the targets). "signed" is every 8-bit activation on the int8 grid, as before unsigned_activations.
 CONFIGS: dict[str, dict] = {
     "default": {},
+    "signed": {"unsigned_activations": False},
     "ceil": {"weight_exponent": "ceil"},
     "no_bias_correction": {"bias_correction": False},
     "minmax": {"range_estimator": "minmax"},
@@ -95,7 +98,20 @@ def metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor)
     }
 
 
-def ours(model, scheme: str, config: eq.PTQConfig, calib: torch.Tensor, test: torch.Tensor, work: Path | None) -> tuple:
+SCHEME_FIELDS = {f.name for f in fields(eq.Scheme)}
+
+
+def variant(config_name: str, scheme: str) -> tuple[eq.Scheme, eq.PTQConfig]:
+    """The scheme and PTQConfig of one of CONFIGS."""
+    edits = CONFIGS[config_name]
+    scheme_edits = {k: v for k, v in edits.items() if k in SCHEME_FIELDS}
+    config_edits = {k: v for k, v in edits.items() if k not in SCHEME_FIELDS}
+    return replace(eq.get_scheme(scheme), **scheme_edits), replace(eq.PTQConfig(), **config_edits)
+
+
+def ours(
+    model, scheme: str | eq.Scheme, config: eq.PTQConfig, calib: torch.Tensor, test: torch.Tensor, work: Path | None
+) -> tuple:
     """Our PTQ: calibrate, export, then the exported file's logits in onnxruntime.
 
     Without `work` the logits come from the module's eval mode, the integer model the
@@ -109,7 +125,7 @@ def ours(model, scheme: str, config: eq.PTQConfig, calib: torch.Tensor, test: to
     if work is None:
         with torch.no_grad():
             return torch.cat([qmodel(x) for x in test.split(120)]), seconds
-    path = work / f"ours_{scheme}.onnx"
+    path = work / f"ours_{eq.get_scheme(scheme).name}.onnx"
     qmodel.export(path)
     sess = session(str(path))
     logits = torch.cat([torch.from_numpy(run_onnx(sess, (x,))[0]) for x in test.split(120)])
@@ -133,13 +149,12 @@ def run_checkpoint(name: str, recipe: str, args: argparse.Namespace, peers: dict
     rows = [base | float_row | {"int16_sqnr_db": int16_db}]
     with tempfile.TemporaryDirectory() as tmp:
         for config_name in args.configs:
-            config = replace(eq.PTQConfig(), **CONFIGS[config_name])
             method = "edgequant" if config_name == "default" else f"edgequant {config_name}"
             for scheme in args.schemes:
                 row = base | {"method": method, "scheme": scheme}
                 try:
                     work = None if args.torch_eval else Path(tmp)
-                    logits, seconds = ours(model, scheme, config, calib, images, work)
+                    logits, seconds = ours(model, *variant(config_name, scheme), calib, images, work)
                     row |= metrics(logits, reference, labels) | {"seconds": seconds}
                 except Exception as error:  # a failure is a result to report
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]

@@ -263,7 +263,8 @@ def test_analyze_subprocess_recommends_the_layer_and_its_ptq_command_works(outli
     lines = proc.stdout.splitlines()
     suggested = lines[lines.index("to export with these layers in 16 bit:") + 1]
     words = shlex.split(suggested)
-    assert words[words.index("--high-precision") + 1] == "11"  # the layer with the outlier
+    # The layer with the outlier comes first (a near-tie on 120 samples may add another after it).
+    assert words[words.index("--high-precision") + 1].split(",")[0] == "11"
 
     out = tmp_path / "mixed.onnx"
     assert main([*words[1:], *small, "-o", str(out), "--json"]) == 0

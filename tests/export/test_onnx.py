@@ -51,11 +51,14 @@ def test_qdq_graph_is_engine_ready(qmodel, tmp_path):
                 assert producers[name].op_type == "DequantizeLinear", f"{node.name} input {name} not dequantized"
             consumers = [n for n in model.graph.node if node.output[0] in n.input]
             assert consumers, node.name
+    dtypes = set()
     for node, scale, zero_point in qdq_nodes(path):
         assert np.all(zero_point == 0), node.name
         mantissa, _ = np.frexp(scale.astype(np.float32))
         assert np.all(mantissa == 0.5), f"{node.name}: scale {scale} is not a power of two"
-        assert zero_point.dtype in (np.int8, np.int32), node.name
+        dtypes.add(zero_point.dtype)
+    # The ReLU output and the mean of it are unsigned (uint8); the input and the logits int8.
+    assert dtypes == {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32)}
 
 
 def test_weights_are_int8(qmodel, tmp_path):

@@ -1,5 +1,6 @@
 """Each preset's rules, read back from the exported ONNX file; mixed-precision boundaries."""
 
+import dataclasses
 import json
 import warnings
 
@@ -55,6 +56,7 @@ def test_preset_rules_in_onnx(preset, model_name, data, digits_model, tmp_path):
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     checked_weights = 0
+    unsigned = 0
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -65,7 +67,9 @@ def test_preset_rules_in_onnx(preset, model_name, data, digits_model, tmp_path):
             assert _is_pow2(scale), f"{node.name}: {scale}"
         source = values.get(node.input[0])
         if node.op_type == "QuantizeLinear":
-            assert zero_point.dtype == adtype, node.name
+            # 8-bit activations after a ReLU / ReLU6 are uint8 (Scheme.unsigned_activations).
+            unsigned += zero_point.dtype == np.uint8 and adtype == np.int8
+            assert zero_point.dtype == adtype or unsigned, node.name
             continue
         if source is None or source.dtype == np.int32:  # activation DQ or int32 bias
             continue
@@ -85,6 +89,7 @@ def test_preset_rules_in_onnx(preset, model_name, data, digits_model, tmp_path):
             assert scale.size == 1, node.name
         checked_weights += 1
     assert checked_weights == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    assert (unsigned > 0) == (scheme.activation_bits == 8)
 
 
 def _int16_q_inputs(model: onnx.ModelProto) -> set[str]:
@@ -265,3 +270,68 @@ def test_bn_without_a_conv_before_it_is_requantized(tmp_path):
     assert producer[bn.input[0]] == "DequantizeLinear"
     (relu,) = [n for n in onnx_model.graph.node if bn.output[0] in n.input]
     assert relu.op_type == "Relu" and _consumers(onnx_model, relu.output[0]) == ["QuantizeLinear"]
+
+
+class Signs(nn.Module):
+    """A ReLU and a max-pool of it (never negative), a conv output and a sum with it (signed), a sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        b = torch.nn.functional.max_pool2d(a, 2)
+        c = self.conv2(b)  # signed
+        d = c + b  # signed + non-negative: signed
+        g = torch.sigmoid(d) * b  # a gate: kept signed on purpose
+        return self.fc(g.mean((2, 3)))
+
+
+def _quantizer_grids(path) -> dict[str, tuple[np.dtype, float]]:
+    """Each activation QuantizeLinear's (integer type, scale), by the op that feeds it."""
+    model = onnx.load(str(path))
+    values = constant_values(model)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in values:
+            source = producers.get(node.input[0], "input")
+            found.setdefault(source, []).append((values[node.input[2]].dtype, float(values[node.input[1]])))
+    return found
+
+
+@pytest.mark.parametrize("preset", ["int8_pow2", "int8"])
+@pytest.mark.parametrize("wrapper", ["ptq", "qat"])
+def test_never_negative_activations_get_the_unsigned_grid(preset, wrapper, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    grids = {}
+    for unsigned in (True, False):
+        torch.manual_seed(1)
+        scheme = dataclasses.replace(eq.get_scheme(preset), unsigned_activations=unsigned)
+        if wrapper == "ptq":
+            config = eq.PTQConfig(range_estimator="minmax")  # scales straight from the range: comparable
+            qmodel = eq.PTQModule(Signs().eval(), (x[:8],), scheme, config).calibrate([x], progress=False)
+        else:
+            qmodel = eq.QATModule(Signs(), (x[:8],), scheme).train()
+            qmodel(x)
+            qmodel.eval()
+        result = qmodel.export(tmp_path / f"{unsigned}.onnx")  # raises ParityError on disagreement
+        if eq.get_scheme(preset).power_of_2:
+            assert result.parity.max_abs_diff == 0.0  # uint8 pow2 grids are bit-exact too
+        grids[unsigned] = _quantizer_grids(result.path)
+    on, off = grids[True], grids[False]
+    u8, i8 = np.dtype(np.uint8), np.dtype(np.int8)
+    # The ReLU and its max-pool (which shares its grid) are the only unsigned tensors.
+    assert on["Relu"] == on["MaxPool"] and [d for d, _ in on["Relu"]] == [u8]
+    assert all(d == i8 for op, found in on.items() if op not in ("Relu", "MaxPool") for d, _ in found)
+    assert all(d == i8 for found in off.values() for d, _ in found)
+    # The same range on 255 steps instead of 127: half the step (power-of-2: exactly).
+    (_, scale_on), (_, scale_off) = on["Relu"][0], off["Relu"][0]
+    if preset == "int8_pow2":
+        assert scale_on == scale_off / 2
+    else:
+        assert scale_on == pytest.approx(scale_off * 127 / 255, rel=1e-6)

@@ -249,8 +249,9 @@ def test_matches_one_process_on_the_concatenated_batch(runs):
             if name.endswith((".scale", ".zero_point", ".frozen", "qat_state", "updates", "num_batches_tracked")):
                 assert torch.equal(got[name], value), f"{name} differs from one process after step {step}"
             elif name.endswith((".min_val", ".max_val")):
-                # Global min / max, then the same moving average: equal up to float rounding upstream.
-                torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} after step {step}")
+                # Global min / max, then the same moving average, of activations computed with weights that
+                # agree to 1e-3 (below): one upstream value may land one fine grid step away (seen: 2**-14 at 0.149).
+                torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-5, msg=f"{name} after step {step}")
             else:
                 # Weights and BN statistics: summation order differs, and SGD carries it forward.
                 torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-3, msg=f"{name} after step {step}")

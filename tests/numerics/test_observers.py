@@ -196,3 +196,20 @@ def test_fake_quant_equals_onnxruntime_qdq_bit_for_bit(bits, shape, per_channel,
     zero_point = np.zeros(channels, np.int64) if per_channel else np.int64(0)
     _, theirs = ort_qdq(x, scale, zero_point, bits, axis)
     assert np.array_equal(ours, theirs)
+
+
+def test_unsigned_form_halves_the_step_of_a_non_negative_range():
+    x = torch.tensor([0.0, 0.3, 2.55])
+    for power_of_2, expected in ((False, 2.55 / 255), (True, 2.0**-6)):  # 2.55/255 = 0.01 -> 2**-6 (0.0156)
+        obs = RangeObserver(torch.int8, -127, 127, power_of_2=power_of_2)
+        obs.make_unsigned()
+        obs(x)
+        scale, zero_point = obs.calculate_qparams()
+        assert obs.unsigned and (obs.dtype, obs.quant_min, obs.quant_max) == (torch.uint8, 0, 255)
+        assert float(scale) == pytest.approx(expected, rel=1e-6) and int(zero_point) == 0
+    with pytest.raises(ValueError, match="only int8 symmetric per-tensor"):
+        RangeObserver(torch.int8, -127, 127, channel_axis=0).make_unsigned()
+    fake = FakeQuantize(RangeObserver, dtype=torch.int8, quant_min=-127, quant_max=127, power_of_2=True)
+    fake.make_unsigned()
+    assert (fake.dtype, fake.quant_min, fake.quant_max) == (torch.uint8, 0, 255)
+    assert torch.equal(fake(x), torch.tensor([0.0, 0.296875, 2.546875]))  # 0.3 -> 19 steps of 2**-6 -> 0.296875

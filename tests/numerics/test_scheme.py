@@ -75,14 +75,14 @@ def test_invalid_schemes_rejected():
 )
 def test_scheme_round_trips_through_plain_data(scheme):
     data = json.loads(json.dumps(scheme.to_dict()))  # plain data: JSON holds it unchanged
-    assert data["version"] == eq.Scheme.VERSION == 1
+    assert data["version"] == eq.Scheme.VERSION == 2
     assert eq.Scheme.from_dict(data) == scheme
 
 
 def test_from_dict_refuses_what_it_cannot_read():
     data = eq.get_scheme("int8_pow2").to_dict()
-    with pytest.raises(ValueError, match=r"Scheme data has version 2, newer than this edgequant reads \(up to 1\)"):
-        eq.Scheme.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match=r"Scheme data has version 3, newer than this edgequant reads \(up to 2\)"):
+        eq.Scheme.from_dict({**data, "version": 3})
     with pytest.raises(ValueError, match=r"Scheme has no field 'bits'; its fields are name, weight_bits, "):
         eq.Scheme.from_dict({**data, "bits": 8})
     with pytest.raises(ValueError, match="needs an integer 'version' >= 1"):
@@ -91,6 +91,16 @@ def test_from_dict_refuses_what_it_cannot_read():
         eq.Scheme.from_dict("int8_pow2")
     with pytest.raises(ValueError, match="8 or 16"):
         eq.Scheme.from_dict({**data, "weight_bits": 4})  # from_dict validates like the constructor
+
+
+def test_version_1_records_read_as_the_signed_grids_they_computed():
+    data = eq.get_scheme("int8").to_dict()
+    del data["unsigned_activations"]
+    old = eq.Scheme.from_dict({**data, "version": 1})
+    assert old.unsigned_activations is False
+    assert old == dataclasses.replace(eq.get_scheme("int8"), unsigned_activations=False)
+    with pytest.raises(ValueError, match=r"Scheme.unsigned_activations must be True or False, got 'no'"):
+        eq.Scheme(unsigned_activations="no")
 
 
 def test_callable_high_precision_is_recorded_by_name_and_not_rebuilt():

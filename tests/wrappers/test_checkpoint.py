@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import warnings
 
@@ -93,6 +94,20 @@ def test_format_1_checkpoints_still_load(x, tmp_path, ptq_checkpoint):
         eq.PTQModule(_net(), (x,), "int8").load(old_ptq)
 
 
+def test_a_scheme_version_1_checkpoint_loads_only_into_signed_grids(x, tmp_path):
+    """Version 1 schemes quantized every activation as int8: unsigned grids would change what it computed."""
+    signed = dataclasses.replace(eq.get_scheme("int8_pow2"), unsigned_activations=False)
+    ptq = eq.PTQModule(_net(), (x,), signed).calibrate([x], progress=False)
+    payload = torch.load(ptq.save(tmp_path / "p.pt"), weights_only=True)
+    scheme = {k: v for k, v in payload["scheme"].items() if k != "unsigned_activations"}
+    torch.save({**payload, "scheme": {**scheme, "version": 1}}, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match=r"unsigned_activations=False \(here True\)"):
+        eq.PTQModule(_net(), (x,)).load(tmp_path / "v1.pt")
+    fresh = eq.PTQModule(_net(), (x,), signed).load(tmp_path / "v1.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ptq(x))
+
+
 def test_another_config_loads_with_a_warning(x, tmp_path):
     path = _trained_qat(x).save(tmp_path / "q.pt")
     with warnings.catch_warnings():
@@ -111,8 +126,8 @@ def test_another_config_loads_with_a_warning(x, tmp_path):
 def test_records_this_version_cannot_read_are_refused(x, tmp_path, ptq_checkpoint):
     payload = torch.load(ptq_checkpoint, weights_only=True)
     newer = tmp_path / "newer.pt"
-    torch.save({**payload, "scheme": {**payload["scheme"], "version": 2}}, newer)
-    with pytest.raises(CheckpointError, match=r"checkpoint's scheme cannot be read: .*version 2.*upgrade edgequant"):
+    torch.save({**payload, "scheme": {**payload["scheme"], "version": 3}}, newer)
+    with pytest.raises(CheckpointError, match=r"checkpoint's scheme cannot be read: .*version 3.*upgrade edgequant"):
         eq.PTQModule(_net(), (x,)).load(newer)
     torch.save({**payload, "config": {**payload["config"], "shiny": True}}, newer)
     with pytest.raises(CheckpointError, match=r"checkpoint's PTQConfig cannot be read: .*no field 'shiny'"):

@@ -242,7 +242,9 @@ def _qparams(
     itself: its calibrated range may have been narrowed for that width (exponents.py).
     """
     wide = copy.deepcopy(observer)
-    wide.quant_min, wide.quant_max = qrange(bits)
+    # An unsigned activation keeps its [0, 255] grid at its own width.
+    if not (observer.unsigned and bits == 8):
+        wide.quant_min, wide.quant_max = qrange(bits)
     if constant is not None and wide.quant_max != observer.quant_max:
         wide.min_val, wide.max_val = wide.extremes(constant)
     scale, zero_point = wide.calculate_qparams()

@@ -109,7 +109,7 @@ def _computes_in_float(node: Node) -> bool:
 
 
 def is_exact(model: GraphModule) -> bool:
-    """True when torch and onnxruntime must agree bit for bit: 8-bit Q/DQ, power-of-2 scales.
+    """True when torch and onnxruntime must agree bit for bit: 8-bit Q/DQ (int8 or uint8), power-of-2 scales.
 
     Then every rescale is a shift and every accumulator stays far below 2**24, so
     float32 on either side computes the exact integer result. Free scales, 16-bit
@@ -125,7 +125,7 @@ def is_exact(model: GraphModule) -> bool:
         scale = node.args[1]
         if isinstance(scale, Node):
             scale = operator.attrgetter(scale.target)(model)
-        if dtype not in (torch.int8, torch.int32) or not is_power_of_2(torch.as_tensor(scale)):
+        if dtype not in (torch.int8, torch.uint8, torch.int32) or not is_power_of_2(torch.as_tensor(scale)):
             return False
     return True
 

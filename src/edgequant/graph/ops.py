@@ -113,6 +113,101 @@ MOVEMENT_OPS = (
     aten.stack.default,
 )
 
+# Products of two activations: TDA4VM runs a MatMul only on inputs of one signedness.
+MATMUL_OPS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
+
+# --- signs ---------------------------------------------------------------------------
+# Ops whose output is never negative when every tensor (and number) they read is not:
+# selections, pools, means, nearest / bilinear resampling, concatenation, sums,
+# products and the relu6 bound. Sigmoid-like gates are left out on purpose: their
+# outputs crowd near 0 and 1, where the unsigned grid's gain is measured to hurt.
+_SIGN_KEEPING_OPS = frozenset(
+    {
+        *MOVEMENT_OPS,
+        aten.adaptive_avg_pool2d.default,
+        aten.avg_pool2d.default,
+        aten.mean.dim,
+        aten.upsample_bilinear2d.vec,
+        aten.upsample_nearest2d.vec,
+        aten.upsample_nearest2d.default,
+        aten.cat.default,
+        aten.add.Tensor,
+        aten.add_.Tensor,
+        aten.mul.Tensor,
+        BOUND_OP,
+    }
+)
+
+
+def _lower_bound(node: Node) -> float | None:
+    """The least value a relu / relu6 / clamp / hardtanh node can output, or None for other ops."""
+    if node.target in (*RELU_OPS, aten.relu6.default):
+        return 0.0
+    if node.target in RELU6_OPS:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    if node.target == aten.clamp.default:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return None if low is None else low
+    return None
+
+
+def nonnegative_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes whose tensor can never hold a negative value, by the ops that made it.
+
+    One pass in graph (topological) order: an activation's lower bound, a constant's
+    values, or an op from `_SIGN_KEEPING_OPS` whose every input is non-negative.
+    """
+    found: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = constant(gm, node)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and bool((value >= 0).all()):
+                found.add(node)
+        elif node.op == "call_function":
+            low = _lower_bound(node)
+            if low is not None:
+                if isinstance(low, int | float) and low >= 0:
+                    found.add(node)
+            elif node.target in _SIGN_KEEPING_OPS and _reads_nonnegative(node, found):
+                found.add(node)
+    return found
+
+
+def _reads_nonnegative(node: Node, found: set[Node]) -> bool:
+    """Every tensor and number `node` reads is non-negative (shape and index arguments aside)."""
+    if node.target in (aten.cat.default, aten.stack.default):
+        values = node.args[0]
+    elif node.target in (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, BOUND_OP):
+        values = node.args
+    else:
+        values = node.args[:1]  # movement, pools, means: the rest are sizes, dims, indices
+    values = list(values) + ([node.kwargs["alpha"]] if "alpha" in node.kwargs else [])
+    if not values:
+        return False
+    for value in values:
+        if isinstance(value, Node):
+            if value not in found:
+                return False
+        elif not (isinstance(value, int | float) and value >= 0):
+            return False
+    return True
+
+
+def reaches(node: Node, targets: tuple[object, ...]) -> bool:
+    """`node`'s tensor is read by one of `targets`, directly or through movement ops."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.target in targets:
+            return True
+        if user.target in MOVEMENT_OPS:
+            frontier.extend(user.users)
+    return False
+
+
 # --- the converted (integer) model ---------------------------------------------------
 Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)

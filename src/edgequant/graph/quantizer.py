@@ -34,6 +34,7 @@ from .ops import (
     BOUND_OP,
     FUSED_ACTIVATIONS,
     FUSED_BN_OP,
+    MATMUL_OPS,
     MOVEMENT_OPS,
     PASS_THROUGH_OPS,
     REQUANT_OPS,
@@ -41,6 +42,8 @@ from .ops import (
     WEIGHTED_OPS,
     is_depthwise,
     module_name,
+    nonnegative_nodes,
+    reaches,
     sole_user,
 )
 
@@ -207,6 +210,10 @@ class EdgeQuantizer(Quantizer):
     def validate(self, model: GraphModule) -> None:
         return None
 
+    def prepare_obs_or_fq_callback(self, model: GraphModule, edge_or_node_to_obs_or_fq: dict) -> None:
+        if self.scheme.unsigned_activations:
+            make_nonnegative_unsigned(model, edge_or_node_to_obs_or_fq)
+
     def _input_bits(self, node: Node, fallback: int) -> int:
         """Precision the input was written in: its producer's, through pass-through ops."""
         while isinstance(node, Node):
@@ -277,3 +284,28 @@ class EdgeQuantizer(Quantizer):
         bits = self._input_bits(x, self.default_bits)
         node.meta[_BITS_KEY] = bits
         _mark(node, {x: self.specs[bits].activation}, SharedQuantizationSpec((x, node)))
+
+
+def make_nonnegative_unsigned(model: GraphModule, edge_or_node_to_obs_or_fq: dict) -> None:
+    """Give uint8 [0, 255] to each int8 symmetric per-tensor activation quantizer that sees no negative value.
+
+    A quantizer (torchao's map shares one among several tensors) qualifies when every
+    tensor it quantizes is non-negative by construction (`ops.nonnegative_nodes`), none
+    is a weight, and none reaches a MatMul (which TDA4VM runs only on inputs of one
+    signedness). Its range [0, max] then gets 255 steps instead of 127.
+    """
+    nonnegative = nonnegative_nodes(model)
+    groups: dict[int, tuple[object, set[Node]]] = {}
+    for key, quantizer in edge_or_node_to_obs_or_fq.items():
+        tensor = key[0] if isinstance(key, tuple) else key
+        groups.setdefault(id(quantizer), (quantizer, set()))[1].add(tensor)
+    for quantizer, tensors in groups.values():
+        observer = quantizer.activation_post_process if isinstance(quantizer, FakeQuantize) else quantizer
+        if not isinstance(observer, RangeObserver) or (observer.dtype, observer.symmetric, observer.ch_axis) != (
+            torch.int8,
+            True,
+            None,
+        ):
+            continue
+        if all(t in nonnegative and t.op != "get_attr" and not reaches(t, MATMUL_OPS) for t in tensors):
+            quantizer.make_unsigned()

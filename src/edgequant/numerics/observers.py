@@ -78,6 +78,16 @@ class RangeObserver(ObserverBase):
         # False while a pass only reads the graph (AdaRound collecting layer inputs).
         self.observing = True
 
+    def make_unsigned(self) -> None:
+        """Quantize to uint8 [0, 255] (zero point 0): for an int8 symmetric tensor that is never negative."""
+        if (self.dtype, self.symmetric, self.ch_axis) != (torch.int8, True, None):
+            raise ValueError(f"only int8 symmetric per-tensor ranges have an unsigned form, not {self.extra_repr()}")
+        self.dtype, self.quant_min, self.quant_max = torch.uint8, 0, 255
+
+    @property
+    def unsigned(self) -> bool:
+        return self.quant_min == 0
+
     def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
         """Stop moving the range; bin |x| over [0, max |x| seen so far] for `estimator` instead."""
         limit = float(torch.maximum(-self.min_val, self.max_val))
@@ -246,6 +256,12 @@ class FakeQuantize(_TorchaoFakeQuantize):
     def enable_fake_quant(self, enabled: bool = True) -> None:
         super().enable_fake_quant(enabled)
         self._flags = None
+
+    def make_unsigned(self) -> None:
+        """Quantize to uint8 [0, 255]: see `RangeObserver.make_unsigned`."""
+        obs = self.activation_post_process
+        obs.make_unsigned()
+        self.dtype, self.quant_min, self.quant_max = obs.dtype, obs.quant_min, obs.quant_max
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         self._flags = None

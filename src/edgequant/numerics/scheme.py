@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 from ..core.errors import UsageError
-from ..core.records import record, record_fields
+from ..core.records import VERSION_KEY, record, record_fields
 from .scales import qrange
 
 Granularity = Literal["per_tensor", "per_channel", "depthwise_per_channel"]
@@ -31,6 +31,10 @@ class Scheme:
       per channel for depthwise convs only (where per-tensor scales collapse).
     - ``symmetric_activations``: zero point 0 (required with power-of-2 scales), or an
       asymmetric range with a zero point.
+    - ``unsigned_activations``: an 8-bit symmetric activation that can never be negative
+      (after a ReLU, a max-pool of one, a sum of such) uses the unsigned grid [0, 255]
+      instead of [-127, 127]: half the step for the same range, as TIDL's own
+      calibration does. Off: every activation is int8.
     - ``high_precision``: layers that run with 16-bit weights and outputs while the
       rest use ``weight_bits`` / ``activation_bits``: module names (a name covers its
       submodules), ``"first_last"`` (the first conv and the last layer), or a
@@ -40,7 +44,8 @@ class Scheme:
     (checkpoints record it so); a callable ``high_precision`` is recorded by name only.
     """
 
-    VERSION: ClassVar[int] = 1
+    # 2: `unsigned_activations` (version 1 schemes quantized every activation as int8).
+    VERSION: ClassVar[int] = 2
     # Fields that name a scheme without changing what it computes.
     LABELS: ClassVar[tuple[str, ...]] = ("name", "description")
 
@@ -50,10 +55,15 @@ class Scheme:
     power_of_2: bool = True
     weight_granularity: Granularity = "per_tensor"
     symmetric_activations: bool = True
+    unsigned_activations: bool = True
     high_precision: HighPrecision = None
     description: str = ""
 
     def __post_init__(self) -> None:
+        for field_name in ("power_of_2", "symmetric_activations", "unsigned_activations"):
+            value = getattr(self, field_name)
+            if not isinstance(value, bool):
+                raise UsageError(f"Scheme.{field_name} must be True or False, got {value!r}")
         for field_name in ("weight_bits", "activation_bits"):
             bits = getattr(self, field_name)
             if bits not in (8, 16):
@@ -98,13 +108,21 @@ class Scheme:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scheme:
         """The scheme `to_dict()` recorded; a newer version or an unknown field is refused, not guessed at."""
-        fields = record_fields(data, cls, cls.VERSION)
+        fields = cls.record_fields(data)
         hp = fields.get("high_precision")
         if isinstance(hp, str) and hp.startswith(CALLABLE_MARK):
             raise UsageError(
                 f"this scheme's high_precision was a callable ({hp}), which data cannot hold; build the Scheme in code"
             )
         return cls(**fields)
+
+    @classmethod
+    def record_fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of a recorded scheme, an older version's read as what it computed."""
+        fields = record_fields(data, cls, cls.VERSION)
+        if data[VERSION_KEY] < 2:
+            fields.setdefault("unsigned_activations", False)
+        return fields
 
     def with_high_precision(self, layers: HighPrecision) -> Scheme:
         """This scheme with chosen layers in 16 bit."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.errors import EdgequantError, EdgequantWarning, UsageError
 from ..core.files import atomic_path
-from ..core.records import record, record_fields
+from ..core.records import VERSION_KEY, record
 from ..core.version import __version__
 from ..numerics.observers import RangeObserver
 from ..numerics.scheme import Scheme
@@ -180,11 +180,11 @@ def check_metadata(payload: Mapping[str, Any], wrapper: nn.Module, scheme: Schem
             "(a different architecture)"
         )
     try:
-        saved = record_fields(payload["scheme"], Scheme, Scheme.VERSION)
+        saved = {**Scheme().to_dict(), **Scheme.record_fields(payload["scheme"])}
     except UsageError as error:
         raise CheckpointError(f"the checkpoint's scheme cannot be read: {error}") from None
     ours = scheme.to_dict()
-    differ = [k for k in saved if k not in Scheme.LABELS and saved[k] != ours[k]]
+    differ = [k for k in ours if k not in (*Scheme.LABELS, VERSION_KEY) and saved[k] != ours[k]]
     if differ:
         detail = ", ".join(f"{k}={saved[k]!r} (here {ours[k]!r})" for k in differ)
         problems.append(f"it was saved with scheme {saved['name']!r}, this wrapper uses {ours['name']!r}: {detail}")

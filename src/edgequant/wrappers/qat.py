@@ -173,7 +173,7 @@ class QATModule(QuantWrapper):
             scale, _ = source.calculate_qparams()
             obs = target.activation_post_process
             if obs.symmetric:
-                max_abs = scale * obs.quant_max
+                max_abs = scale * source.quant_max
                 obs.min_val, obs.max_val = -max_abs.reshape(()), max_abs.reshape(())
             else:
                 obs.min_val, obs.max_val = source.min_val.clone(), source.max_val.clone()
