@@ -378,6 +378,37 @@ def markdown_summary(stats: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: list[dict], method: str, other: str) -> str:
+    """`method` against `other` on the same checkpoints, per scheme: how often and how much its SQNR is higher."""
+    lines = []
+    for scheme in SCHEMES:
+        by = {
+            m: {
+                (r["model"], r["recipe"]): r
+                for r in rows
+                if r["method"] == m and r.get("scheme") == scheme and "top1" in r
+            }
+            for m in (method, other)
+        }
+        keys = [k for k in by[method] if k in by[other]]
+        if not keys:
+            continue
+        a, b = by[method], by[other]
+        gains = [a[k]["sqnr_db"] - b[k]["sqnr_db"] for k in keys]
+        top1 = [a[k]["top1"] - b[k]["top1"] for k in keys]
+        lines.append(
+            f"| {scheme} | {sum(g > 0 for g in gains)} of {len(keys)} | {statistics.median(gains):+.2f} dB "
+            f"({min(gains):+.2f}, {max(gains):+.2f}) | {max(b[k]['drop'] for k in keys):.2f} -> "
+            f"{max(a[k]['drop'] for k in keys):.2f} | {statistics.median(b[k]['drop'] for k in keys):.2f} -> "
+            f"{statistics.median(a[k]['drop'] for k in keys):.2f} | {min(top1):+.2f}, {max(top1):+.2f} |"
+        )
+    header = (
+        f"| scheme | SQNR higher: {method} | median dSQNR (min, max) | worst drop {other} -> {method} "
+        f"| median drop | top-1 change (min, max) |\n|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(lines) if lines else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -398,6 +429,9 @@ def main() -> None:
         for population in (rows, quantizable(rows)):
             print(f"\n{len({(r['model'], r['recipe']) for r in population})} checkpoints:")
             print(markdown_summary(summary(population)[1]))
+        if "signed" in args.configs:
+            print("\nunsigned (edgequant) against all-int8 (edgequant signed) activations:")
+            print(paired(rows, "edgequant", "edgequant signed"))
         return
     peers: dict = {}
     if args.peers != ["none"]:

@@ -146,8 +146,7 @@ def _lower_bound(node: Node) -> float | None:
     if node.target in RELU6_OPS:
         return node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
     if node.target == aten.clamp.default:
-        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        return None if low is None else low
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     return None
 
 
