@@ -15,7 +15,8 @@ images (as a trained model has), digits upsampled to the model's input size.
 - qat: training-step time at 224x224 batch 32 (the segmenter at 512 batch 4) of the
   float model, our QATModule and torchao's PT2E QAT, in contiguous and channels_last
   layouts; each ratio is the median of per-round ratios of interleaved steps. Then
-  torch.compile of the QATModule: one step's loss against eager's, and its step ratio.
+  torch.compile of the QATModule (Inductor, and aot_eager): the first steps' losses
+  against eager's, and its step time against eager's and against the compiled float model's.
 - --profile MODEL: cProfile of our PTQ chain on one model (docs/performance.md).
 - memory: the whole chain (16 calibration images) on the largest zoo models; peak
   resident memory against the fp32 weight bytes, per stage.
@@ -418,22 +419,36 @@ def run_qat(name: str, repeats: int, compile_too: bool) -> dict:
 
 
 def compiled_qat(base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """torch.compile of a QATModule: the loss after one step against eager's, then step time against eager's."""
+    """torch.compile (Inductor) of a QATModule: its loss against eager's, its step against eager's and
+    against the compiled float model's, and the same with `aot_eager` (no code generation: bit-exact)."""
+    import torch._inductor.config
+
     import edgequant as eq
 
+    # Dropout draws the same masks in each variant only from the same seed and with aten's generator.
+    torch._inductor.config.fallback_random = True
+    seeded = lambda step, seed: (torch.manual_seed(seed), step())[1]  # noqa: E731
     out: dict = {}
     eager = eq.QATModule(copy.deepcopy(base), (x[:2],), SCHEME).train()
+    exact = copy.deepcopy(eager)
     compiled = torch.compile(copy.deepcopy(eager))
+    float_compiled = torch.compile(copy.deepcopy(base).train())
     eager_step, compiled_step = step_fn(eager, x, y), step_fn(compiled, x, y)
+    exact_step = step_fn(torch.compile(exact, backend="aot_eager"), x, y)
     try:
-        first = eager_step()
+        first = seeded(eager_step, 0)
         start = time.perf_counter()
-        compiled_first = compiled_step()
+        compiled_first = seeded(compiled_step, 0)
         out["compile_first_step_s"] = time.perf_counter() - start
         out["compile_loss_diff_step0"] = float((first - compiled_first).abs())
-        out["compile_loss_diff_step1"] = float((eager_step() - compiled_step()).abs())  # after one update
-        times = interleaved_times({"eager": eager_step, "compiled": compiled_step}, 3, warmup=1)
+        out["aot_eager_loss_diff_step0"] = float((first - seeded(exact_step, 0)).abs())
+        second = seeded(eager_step, 1)
+        out["compile_loss_diff_step1"] = float((second - seeded(compiled_step, 1)).abs())  # after one update
+        out["aot_eager_loss_diff_step1"] = float((second - seeded(exact_step, 1)).abs())
+        steps = {"eager": eager_step, "compiled": compiled_step, "float compiled": step_fn(float_compiled, x, y)}
+        times = interleaved_times(steps, 3, warmup=1)
         out["compiled_over_eager"] = median_ratio(times["compiled"], times["eager"])
+        out["compiled_over_compiled_float"] = median_ratio(times["compiled"], times["float compiled"])
     except Exception as error:  # the closing note must say exactly why, so keep the message
         out["compile_error"] = f"{type(error).__name__}: {str(error).strip()[:1500]}"
     return out

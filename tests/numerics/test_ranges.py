@@ -57,3 +57,20 @@ def test_averaged_sequence_by_hand():
         ranges.fold(low, high, torch.tensor(-m), torch.tensor(m), ranges.averaging_weight(count, 0.5))
         seen.append(high.item())
     assert seen == [1.0, 2.0, 3.5, 6.25] and low.item() == -6.25
+
+
+@pytest.mark.parametrize("constant", [0.01, 0.3, 1e-3 / 3])
+def test_device_count_gives_the_host_weight_and_the_same_ranges(constant):
+    """The torch.compile path (count held in a tensor) folds bit for bit as the host path does."""
+    torch.manual_seed(0)
+    host = [torch.full((3,), float("inf")), torch.full((3,), float("-inf"))]
+    device = [t.clone() for t in host]
+    count = torch.tensor(0)
+    for n in range(1, 400):
+        count += 1
+        weight = ranges.averaging_weight(count, constant)
+        assert weight.dtype == torch.float32 and weight.item() == torch.tensor(max(1 / n, constant)).item()
+        batch = torch.randn(2, 3) * n
+        ranges.fold(*host, batch[0] - 50, batch[1] + 50, ranges.averaging_weight(n, constant))
+        ranges.fold(*device, batch[0] - 50, batch[1] + 50, weight)
+        assert torch.equal(host[0], device[0]) and torch.equal(host[1], device[1]), n

@@ -1,5 +1,6 @@
 """QATModule end to end on the torchvision zoo: train steps, eval, export, resume."""
 
+import copy
 import json
 
 import numpy as np
@@ -423,3 +424,71 @@ def test_freeze_schedule_from_the_config_freezes_bn_then_ranges():
         seen.append((qmodel.epoch, not torch.equal(var_before, running_var), ranges_moved))
     # FreezeSchedule(4): BN statistics freeze at epoch 2, ranges at epoch 3.
     assert seen == [(0, True, True), (1, True, True), (2, False, True), (3, False, False)]
+
+
+def _small_residual_net() -> nn.Module:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6())
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head((x + self.dw(x)).mean((2, 3)))
+
+    torch.manual_seed(3)
+    return Net().eval()
+
+
+def _train_losses(qmodel, forward, x, y, steps=3):
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for i in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(forward(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("scheme", ["int8_pow2", "int8"])
+def test_torch_compile_traces_one_graph_and_trains_exactly_as_eager(scheme):
+    """No graph break inside the wrapped model; with Inductor's code generation left out
+    (`aot_eager`), compiled training steps are bit-equal to eager ones, ranges included."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 3, 12, 12), torch.randint(0, 5, (24,))
+    qmodel = eq.QATModule(_small_residual_net(), (x[:4],), scheme).train()
+    explained = torch._dynamo.explain(copy.deepcopy(qmodel).model)(x[:8])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager, compiled = copy.deepcopy(qmodel), copy.deepcopy(qmodel)
+    expected = _train_losses(eager, eager, x, y)
+    assert _train_losses(compiled, torch.compile(compiled, backend="aot_eager"), x, y) == expected
+    after_eager, after_compiled = eager.state_dict(), compiled.state_dict()
+    assert all(torch.equal(after_eager[k], after_compiled[k]) for k in after_eager)
+    # Eager steps after compiled ones go on from the same range history.
+    assert _train_losses(compiled, compiled, x, y) == _train_losses(eager, eager, x, y)
+    eager.eval(), compiled.eval()
+    assert torch.equal(eager(x), compiled(x))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_qat_trains_and_evaluates_as_its_integer_model(tmp_path):
+    """Inductor reorders float arithmetic, so rounding ties fall differently than in eager:
+    the losses are close, not equal; the result is still a model whose eval is its export."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 3, 12, 12), torch.randint(0, 5, (24,))
+    qmodel = eq.QATModule(_small_residual_net(), (x[:4],), "int8_pow2").train()
+    eager = copy.deepcopy(qmodel)
+    expected = _train_losses(eager, eager, x, y)
+    compiled = torch.compile(qmodel)
+    got = _train_losses(qmodel, compiled, x, y)
+    assert got[0] == pytest.approx(expected[0], abs=0.05) and all(np.isfinite(got))
+    compiled.eval()
+    assert torch.equal(compiled(x), qmodel.convert()(x))
+    result = qmodel.export(tmp_path / "compiled.onnx")
+    assert result.parity.max_abs_diff == 0.0
+    ort_out = run_onnx(session(str(tmp_path / "compiled.onnx")), (x,))[0]
+    assert np.array_equal(ort_out, qmodel(x).detach().numpy())

@@ -130,7 +130,11 @@ class RangeObserver(ObserverBase):
             self.min_val = torch.full_like(batch_min, float("inf"))
             self.max_val = torch.full_like(batch_max, float("-inf"))
         weight = None
-        if self.averaging_constant is not None:
+        if self.averaging_constant is not None and torch.compiler.is_compiling():
+            self.updates.add_(1)
+            self._history = None  # the eager path re-reads `updates`
+            weight = ranges.averaging_weight(self.updates, self.averaging_constant)
+        elif self.averaging_constant is not None:
             if self._history is None:
                 self._history = int(self.updates)
             self._history += 1
@@ -148,8 +152,8 @@ class RangeObserver(ObserverBase):
         for name in ("min_val", "max_val"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        self._history = None  # re-read from the loaded `updates` on the next update
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._history = int(self.updates)
 
     @property
     def has_range(self) -> bool:
@@ -246,16 +250,20 @@ class FakeQuantize(_TorchaoFakeQuantize):
         super().__init__(observer=observer, **observer_kwargs)
         self.register_buffer("frozen", torch.tensor([0], dtype=torch.uint8))
         # Host copy of (observer_enabled, fake_quant_enabled): reading the buffers every
-        # step would cost a device sync per quantizer on GPU. Re-read after any change.
-        self._flags: tuple[bool, bool] | None = None
+        # step would cost a device sync per quantizer on GPU, and would break a
+        # torch.compile graph at each quantizer. Re-read at once after any change.
+        self._flags = self._read_flags()
+
+    def _read_flags(self) -> tuple[bool, bool]:
+        return bool(self.observer_enabled[0]), bool(self.fake_quant_enabled[0])
 
     def enable_observer(self, enabled: bool = True) -> None:
         super().enable_observer(enabled)
-        self._flags = None
+        self._flags = self._read_flags()
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         super().enable_fake_quant(enabled)
-        self._flags = None
+        self._flags = self._read_flags()
 
     def make_unsigned(self) -> None:
         """Quantize to uint8 [0, 255]: see `RangeObserver.make_unsigned`."""
@@ -264,13 +272,8 @@ class FakeQuantize(_TorchaoFakeQuantize):
         self.dtype, self.quant_min, self.quant_max = obs.dtype, obs.quant_min, obs.quant_max
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        self._flags = None
         super()._load_from_state_dict(*args, **kwargs)
-
-    def _host_flags(self) -> tuple[bool, bool]:
-        if self._flags is None:
-            self._flags = (bool(self.observer_enabled[0]), bool(self.fake_quant_enabled[0]))
-        return self._flags
+        self._flags = self._read_flags()
 
     def forward(self, x: torch.Tensor, bn_factor: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize x, or with `bn_factor` s, return Q(x * s) / s for folded conv+BN weights.
@@ -279,7 +282,7 @@ class FakeQuantize(_TorchaoFakeQuantize):
         materialising x * s (round-half-even is symmetric, so the sign of s drops out).
         """
         obs = self.activation_post_process
-        observing, fake_quant = self._host_flags()
+        observing, fake_quant = self._flags
         if observing:
             if bn_factor is None:
                 obs(x)

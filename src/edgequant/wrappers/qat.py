@@ -259,14 +259,30 @@ class QATModule(QuantWrapper):
         return super().export(path, opset, device, batch, meta_arch=meta_arch)
 
     def forward(self, *args: torch.Tensor) -> Any:
-        self.check_inputs(args)
         if not self.training:
-            return self.integer_model()(*args)
+            return self._evaluate(*args)
+        self._begin_step(args)
+        out = self.model(*args)
+        self._end_step(out)
+        return out
+
+    # The wrapper's host-side work runs eagerly, also under torch.compile: Dynamo then
+    # compiles the wrapped model as one graph and steps around these calls.
+    @torch.compiler.disable
+    def _evaluate(self, *args: torch.Tensor) -> Any:
+        self.check_inputs(args)
+        return self.integer_model()(*args)
+
+    @torch.compiler.disable
+    def _begin_step(self, args: tuple[torch.Tensor, ...]) -> None:
+        self.check_inputs(args)
         check_finite_inputs(args)
         self.remember_samples(args)
         if torch.is_grad_enabled():
             self.qat_state[1] = 1
-        out = self.model(*args)
+
+    @torch.compiler.disable
+    def _end_step(self, out: Any) -> None:
         # One host sync per step: every output finite, every activation scale finite and positive.
         checks = [torch.isfinite(t).all() for t in tree_leaves(out) if t.is_floating_point()]
         scales = self._activation_scales()
@@ -274,7 +290,6 @@ class QATModule(QuantWrapper):
             checks.append((torch.isfinite(scales) & (scales > 0)).all())
         if not bool(torch.stack(checks).all()):
             raise self._nonfinite_error()
-        return out
 
     def _activation_scales(self) -> torch.Tensor | None:
         found = self.__dict__.get("_scale_owners")
