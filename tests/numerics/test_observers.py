@@ -31,7 +31,7 @@ def test_moving_average_observer():
 def test_checkpointed_state_is_the_range_and_the_update_count():
     """Saved checkpoints name these keys: the components' state stays out of the state_dict."""
     obs = RangeObserver(averaging_constant=0.5)
-    obs.start_histogram("percentile")
+    obs.start_estimator("percentile")
     obs.track_channel_stats()
     assert list(obs.state_dict()) == ["min_val", "max_val", "updates"]
 
@@ -46,13 +46,42 @@ def test_averaging_resumes_from_a_loaded_update_count():
     assert int(resumed.updates) == 3 and resumed.max_val.item() == 2.0 + (8.0 - 2.0) / 3
 
 
-def test_histogram_pass_replaces_min_max_with_the_estimate():
+def test_estimator_pass_replaces_min_max_with_the_estimate():
     obs = RangeObserver(power_of_2=False)
     obs(torch.tensor([0.0, 4.0]))
-    obs.start_histogram("percentile", percentile=50.0, bins=4)
+    obs.start_estimator("percentile", percentile=50.0, bins=4)
     obs(torch.tensor([0.5, 0.5, 0.5, 3.5]))
     assert (obs.min_val.item(), obs.max_val.item()) == (0.0, 4.0)  # the range stays where the first pass left it
     assert obs.qparams()[0].item() == pytest.approx(1.0 / 127)  # 50% of |x| lie below 1.0
+    obs.settle()  # the estimate becomes the range: a state_dict carries it
+    assert obs.estimator is None and (obs.min_val.item(), obs.max_val.item()) == (0.0, 1.0)
+    loaded = RangeObserver(power_of_2=False)
+    loaded.load_state_dict(obs.state_dict())
+    assert loaded.qparams()[0].item() == pytest.approx(1.0 / 127)
+
+
+def test_settle_keeps_the_scale_of_an_estimate_above_the_range():
+    """A power-of-2 mse estimate is the covering step times qmax, above max |x|: min/max stay, the scale too."""
+    obs = RangeObserver(power_of_2=True)
+    obs(torch.tensor([-3.0, 0.75]))
+    obs.start_estimator("mse", bins=8)
+    obs(torch.full((6,), 3.0))
+    before = obs.qparams()[0].item()
+    obs.settle()
+    assert (obs.min_val.item(), obs.max_val.item()) == (-3.0, 0.75)
+    assert obs.qparams()[0].item() == before == 2.0**-5  # 3 / 127 -> 2^-5
+
+
+def test_mean_max_pass_sets_the_range_from_the_samples_peaks():
+    obs = RangeObserver(power_of_2=False)
+    peaks = torch.tensor([1.0, 2.0, 3.0, 90.0])
+    batch = torch.zeros(4, 2, 3)
+    batch[:, 1, 2] = peaks
+    obs(batch)
+    obs.start_estimator("mean_max")
+    obs(batch)
+    obs.settle()
+    assert (obs.min_val.item(), obs.max_val.item()) == (0.0, 24.0)  # (1 + 2 + 3 + 90) / 4
 
 
 def test_channel_stats_follow_the_observed_inputs():

@@ -134,13 +134,23 @@ def test_records_this_version_cannot_read_are_refused(x, tmp_path, ptq_checkpoin
         eq.PTQModule(_net(), (x,)).load(newer)
 
 
-def test_ptq_checkpoint_round_trip_is_calibrated_and_in_eval(x, tmp_path):
-    ptq = eq.PTQModule(_net(), (x,)).calibrate([x, 0.5 * x], progress=False)
+@pytest.mark.parametrize("estimator", ["mse", "percentile", "mean_max"])
+def test_ptq_checkpoint_round_trip_is_calibrated_and_in_eval(x, tmp_path, estimator):
+    """Ranges estimated in a second pass (tighter than min/max) are part of the checkpoint."""
+    outlier = x.clone()
+    outlier[0] *= 40.0  # one sample far outside the others: the estimators clip it
+    config = eq.PTQConfig(range_estimator=estimator, percentile=90.0)
+    ptq = eq.PTQModule(_net(), (x,), config=config).calibrate([outlier, 0.5 * x], progress=False)
+    minmax = eq.PTQModule(_net(), (x,), config=eq.PTQConfig(range_estimator="minmax"))
+    minmax.calibrate([outlier, 0.5 * x], progress=False)
+    scales = [float(o.qparams()[0][0]) for o in ptq.activation_observers()]
+    assert scales != [float(o.qparams()[0][0]) for o in minmax.activation_observers()]
     with torch.no_grad():
         expected = ptq(x)  # also fills the cached integer model, which must not be saved
     ptq.save(tmp_path / "ptq.pt")
-    fresh = eq.PTQModule(_net(), (x,)).load(tmp_path / "ptq.pt")
+    fresh = eq.PTQModule(_net(), (x,), config=config).load(tmp_path / "ptq.pt")
     assert not fresh.training  # a calibrated module quantizes; train mode would widen its ranges
+    assert [float(o.qparams()[0][0]) for o in fresh.activation_observers()] == scales
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
 

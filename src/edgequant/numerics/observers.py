@@ -1,7 +1,7 @@
 """Range observers and fake-quantize modules that torchao's prepare inserts.
 
 `RangeObserver` watches a tensor's range (folded in by `ranges.py`, optionally
-estimated from a histogram by `histogram.py`) and turns it into a scale through
+estimated by `estimators.py`) and turns it into a scale through
 `scales.py`; `FakeQuantize` adds the straight-through rounding used in QAT and
 the switches that freeze ranges.
 """
@@ -16,7 +16,7 @@ from torchao.quantization.pt2e.fake_quantize import FakeQuantize as _TorchaoFake
 from torchao.quantization.pt2e.observer import ObserverBase
 
 from . import distributed, ranges, scales
-from .histogram import AbsHistogram
+from .estimators import AbsHistogram, SampleMaxMean, range_estimator
 from .moments import ChannelMoments
 
 
@@ -34,7 +34,7 @@ class RangeObserver(ObserverBase):
 
     The observer holds the range and its checkpointed state; the pieces it composes
     each do one job: `ranges` folds a batch into the range, an `AbsHistogram`
-    (`start_histogram`) estimates a tighter one, `ChannelMoments`
+    (`start_estimator`, then `settle`) estimates a tighter one, `ChannelMoments`
     (`track_channel_stats`) keeps the input statistics bias correction reads.
     """
 
@@ -73,7 +73,7 @@ class RangeObserver(ObserverBase):
         self.register_buffer("updates", torch.tensor(0, dtype=torch.int64))
         # Host mirror of `updates`, so the averaging weight is a Python number (None: re-read it).
         self._history: int | None = 0
-        self.histogram: AbsHistogram | None = None
+        self.estimator: AbsHistogram | SampleMaxMean | None = None
         self.channel_stats: ChannelMoments | None = None
         # False while a pass only reads the graph (AdaRound collecting layer inputs).
         self.observing = True
@@ -88,10 +88,24 @@ class RangeObserver(ObserverBase):
     def unsigned(self) -> bool:
         return self.quant_min == 0
 
-    def start_histogram(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
-        """Stop moving the range; bin |x| over [0, max |x| seen so far] for `estimator` instead."""
+    def start_estimator(self, estimator: str, percentile: float = 99.99, bins: int = 2048) -> None:
+        """Stop moving the range; feed what passes to `estimator` instead (a histogram over [0, max |x| so far])."""
         limit = float(torch.maximum(-self.min_val, self.max_val))
-        self.histogram = AbsHistogram(estimator, limit, percentile, bins)
+        self.estimator = range_estimator(estimator, limit, percentile, bins)
+
+    def settle(self) -> None:
+        """Write the estimator's range into min/max and drop the estimator.
+
+        The range is then the observer's state: state_dict() carries it, and a loaded
+        checkpoint quantizes exactly as the calibrated module did.
+        """
+        if self.estimator is None:
+            return
+        estimate = self.estimator.max_abs(self.quant_max, self.power_of_2)
+        self.estimator = None
+        if estimate is not None:
+            self.min_val.clamp_(min=-estimate)
+            self.max_val.clamp_(max=estimate)
 
     def track_channel_stats(self, dim: int = 1) -> None:
         """Also average x and x^2 per channel along `dim`: 1 for NCHW, -1 for channels-last data."""
@@ -114,8 +128,8 @@ class RangeObserver(ObserverBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.numel() or not self.observing:
             return x
-        if self.histogram is not None:
-            self.histogram.add(x)
+        if self.estimator is not None:
+            self.estimator.add(x)
         else:
             self.update(*self.extremes(x))
         if self.channel_stats is not None:
@@ -162,7 +176,7 @@ class RangeObserver(ObserverBase):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the current range (which must have been observed)."""
         if self.symmetric:
-            estimate = None if self.histogram is None else self.histogram.max_abs(self.quant_max, self.power_of_2)
+            estimate = None if self.estimator is None else self.estimator.max_abs(self.quant_max, self.power_of_2)
             max_abs = torch.maximum(-self.min_val, self.max_val) if estimate is None else estimate
             scale = scales.symmetric_scale(max_abs, self.quant_max, self.power_of_2)
             zero_point = torch.zeros_like(scale, dtype=torch.int32)

@@ -26,11 +26,12 @@ from ..graph.equalization import equalize
 from ..graph.exponents import choose_weight_exponents
 from ..graph.ops import CONV_OPS, WEIGHTED_OPS, activation_quantizer_nodes, producer_module, unshare_tensors
 from ..graph.quantizer import EdgeQuantizer
+from ..numerics import estimators
 from ..numerics.observers import RangeObserver
 from ..numerics.scheme import Scheme
 from .base import QuantWrapper
 
-ESTIMATORS = ("auto", "minmax", "percentile", "mse")
+ESTIMATORS = ("auto", "minmax", *estimators.ESTIMATORS)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,14 @@ class PTQConfig:
     """Which PTQ techniques to apply; each can be switched off on its own.
 
     - ``range_estimator``: activation ranges from the min/max seen, a percentile of
-      |x|, or the range minimising the squared quantization error ("mse"; for
-      power-of-2 scales a choice among the few candidate exponents). "auto" takes
+      |x|, the range minimising the squared quantization error ("mse"; for
+      power-of-2 scales a choice among the few candidate exponents), or the mean
+      of each sample's max |x| ("mean_max": a rare outlier image cannot set the
+      range). Estimated ranges are written into the observers' min/max, so a
+      saved checkpoint quantizes as the calibrated module did. "auto" takes
       "mse" for power-of-2 schemes and "minmax" for free scales, the better of the
-      two on the checkpoint population of benchmarks/ptq_population.py. Percentile
-      and mse need a second pass over the calibration data; memory is one histogram
+      two on the checkpoint population of benchmarks/ptq_population.py. Percentile,
+      mse and mean_max need a second pass over the calibration data; memory is one histogram
       per quantizer. Asymmetric activations always use min/max.
     - ``equalize``: cross-layer equalization of conv pairs; None = on for schemes with
       per-tensor weights (where it matters), off for per-channel ones.
@@ -62,7 +66,7 @@ class PTQConfig:
 
     VERSION: ClassVar[int] = 1
 
-    range_estimator: Literal["auto", "minmax", "percentile", "mse"] = "auto"
+    range_estimator: Literal["auto", "minmax", "percentile", "mse", "mean_max"] = "auto"
     percentile: float = 99.99
     equalize: bool | None = None
     bias_correction: bool = True
@@ -276,10 +280,12 @@ class PTQModule(QuantWrapper):
         self._check_ranges()  # before the histogram pass, which cannot bin an infinite range
         estimator = cfg.estimator_for(self.scheme)
         if estimator != "minmax":
-            for obs in activations:
-                if obs.symmetric:
-                    obs.start_histogram(estimator, cfg.percentile)
+            estimated = [obs for obs in activations if obs.symmetric]
+            for obs in estimated:
+                obs.start_estimator(estimator, cfg.percentile)
             self._run(batches, f"calibrate ranges ({estimator})", progress)
+            for obs in estimated:
+                obs.settle()
         self.calibrated_samples.fill_(sum(inputs[0].shape[0] for inputs in batches))  # samples, not passes
         if choose_exponents:
             choose_weight_exponents(self.model)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from edgequant.numerics import histogram
-from edgequant.numerics.histogram import AbsHistogram
+from edgequant.numerics import estimators as histogram
+from edgequant.numerics.estimators import AbsHistogram, SampleMaxMean, range_estimator
 
 
 def test_histogram_percentile_by_hand():
@@ -59,5 +59,28 @@ def test_abs_histogram_without_counts_gives_no_estimate():
 
 
 def test_abs_histogram_refuses_an_unknown_estimator():
-    with pytest.raises(ValueError, match="estimator must be one of percentile, mse"):
-        AbsHistogram("minmax", limit=1.0)
+    with pytest.raises(ValueError, match="a histogram estimates percentile or mse ranges, not 'mean_max'"):
+        AbsHistogram("mean_max", limit=1.0)
+    with pytest.raises(ValueError, match="estimator must be one of percentile, mse, mean_max; got 'minmax'"):
+        range_estimator("minmax", limit=1.0)
+
+
+def test_sample_max_mean_averages_each_samples_peak_by_hand():
+    est = SampleMaxMean()
+    assert est.max_abs(127, True) is None
+    est.add(torch.tensor([[[1.0, -2.0]], [[0.5, 0.25]]]))  # two samples: peaks 2.0 and 0.5
+    est.add(torch.tensor([[-30.0, 0.0]]))  # one outlier sample: peak 30
+    assert est.samples == 3
+    assert est.max_abs(127, True).item() == pytest.approx((2.0 + 0.5 + 30.0) / 3)
+    scalar = SampleMaxMean()
+    scalar.add(torch.tensor([-3.0, 1.0]))  # under two dims: one sample
+    assert (scalar.samples, scalar.max_abs(127, False).item()) == (1, 3.0)
+    zeros = SampleMaxMean()
+    zeros.add(torch.zeros(4, 3))
+    assert zeros.max_abs(127, True) is None  # nothing to scale: min/max (zero) stays
+
+
+def test_range_estimator_builds_the_named_accumulator():
+    assert isinstance(range_estimator("mean_max", limit=4.0), SampleMaxMean)
+    histogram_estimator = range_estimator("mse", limit=4.0, bins=8)
+    assert isinstance(histogram_estimator, AbsHistogram) and len(histogram_estimator.counts) == 8
