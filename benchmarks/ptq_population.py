@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/ptq_population.py --peers none  # ours only (no peer environment)
     ... --models resnet18 --recipes default high_lr --configs default no_bias_correction
     ... --peers none --configs default signed    # unsigned 8-bit activations against all-int8
-    ... --peers none --configs default mean_max percentile --torch-eval   # activation range estimators
+    ... --peers none --configs default mse minmax mean_max --torch-eval   # activation range estimators
 
 One figure per architecture, from one recipe, proves little: on a model trained the way the
 method's authors train, every method sits at float. The population here is every model of
@@ -72,6 +72,7 @@ CONFIGS: dict[str, dict] = {
     "no_bias_correction": {"bias_correction": False},
     "minmax": {"range_estimator": "minmax"},
     "mse": {"range_estimator": "mse"},
+    "sample_mse": {"range_estimator": "sample_mse"},
     "mean_max": {"range_estimator": "mean_max"},
     "percentile": {"range_estimator": "percentile"},
     "adaround": {"adaround": True},

@@ -59,10 +59,43 @@ def test_abs_histogram_without_counts_gives_no_estimate():
 
 
 def test_abs_histogram_refuses_an_unknown_estimator():
-    with pytest.raises(ValueError, match="a histogram estimates percentile or mse ranges, not 'mean_max'"):
+    with pytest.raises(ValueError, match="a histogram estimates percentile, mse or sample_mse ranges, not 'mean_max'"):
         AbsHistogram("mean_max", limit=1.0)
-    with pytest.raises(ValueError, match="estimator must be one of percentile, mse, mean_max; got 'minmax'"):
+    known = "percentile, mse, sample_mse, mean_max"
+    with pytest.raises(ValueError, match=f"estimator must be one of {known}; got 'minmax'"):
         range_estimator("minmax", limit=1.0)
+
+
+def test_sample_mse_weighs_each_samples_counts_by_its_energy_by_hand():
+    est = AbsHistogram("sample_mse", limit=10.0, bins=10)
+    est.add(torch.tensor([[[1.0, -1.0]], [[10.0, -10.0]], [[0.0, 0.0]]]))  # energies 1, 100, 0
+    expected = torch.zeros(10)
+    expected[1] = 2 / 1.0  # two values of |x| = 1 in a sample of mean x^2 = 1
+    expected[9] = 2 / 100.0  # two of |x| = 10 (the last bin) in a sample of mean x^2 = 100
+    assert torch.allclose(est.counts, expected)  # the all-zero sample adds nothing
+    flat = AbsHistogram("sample_mse", limit=2.0, bins=2)
+    flat.add(torch.tensor([0.5, -1.5]))  # under two dims: one sample of mean x^2 = 1.25
+    assert torch.allclose(flat.counts, torch.tensor([1.0, 1.0]) / 1.25)
+
+
+def test_sample_mse_is_pooled_mse_for_equal_samples_and_tighter_with_an_outlier_sample():
+    torch.manual_seed(0)
+    values = torch.randn(512)
+    alike = torch.stack([values[torch.randperm(512)] for _ in range(32)])  # 32 samples of equal energy
+    limit = float(alike.abs().max())
+    for power_of_2 in (True, False):
+        pooled, per_sample = AbsHistogram("mse", limit), AbsHistogram("sample_mse", limit)
+        pooled.add(alike)
+        per_sample.add(alike)
+        pooled_range, sample_range = pooled.max_abs(127, power_of_2), per_sample.max_abs(127, power_of_2)
+        assert sample_range.item() == pytest.approx(pooled_range.item(), rel=0.05 if not power_of_2 else 0)
+    outlier = alike.clone()
+    outlier[0] *= 40.0  # one sample among 32 sets max |x|; pooled, its squared error dominates
+    limit = float(outlier.abs().max())
+    pooled, per_sample = AbsHistogram("mse", limit), AbsHistogram("sample_mse", limit)
+    pooled.add(outlier)
+    per_sample.add(outlier)
+    assert per_sample.max_abs(127, True) * 4 <= pooled.max_abs(127, True)
 
 
 def test_sample_max_mean_averages_each_samples_peak_by_hand():
@@ -84,3 +117,4 @@ def test_range_estimator_builds_the_named_accumulator():
     assert isinstance(range_estimator("mean_max", limit=4.0), SampleMaxMean)
     histogram_estimator = range_estimator("mse", limit=4.0, bins=8)
     assert isinstance(histogram_estimator, AbsHistogram) and len(histogram_estimator.counts) == 8
+    assert range_estimator("sample_mse", limit=4.0).per_sample and not histogram_estimator.per_sample

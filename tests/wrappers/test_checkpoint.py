@@ -134,7 +134,7 @@ def test_records_this_version_cannot_read_are_refused(x, tmp_path, ptq_checkpoin
         eq.PTQModule(_net(), (x,)).load(newer)
 
 
-@pytest.mark.parametrize("estimator", ["mse", "percentile", "mean_max"])
+@pytest.mark.parametrize("estimator", ["mse", "sample_mse", "percentile", "mean_max"])
 def test_ptq_checkpoint_round_trip_is_calibrated_and_in_eval(x, tmp_path, estimator):
     """Ranges estimated in a second pass (tighter than min/max) are part of the checkpoint."""
     outlier = x.clone()

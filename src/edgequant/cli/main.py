@@ -717,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--range-estimator",
         default="auto",
         choices=list(ESTIMATORS),
-        help="activation ranges (default: auto, mse for power-of-2 schemes and minmax otherwise; see docs/ptq.md)",
+        help="activation ranges (default: auto, which is sample_mse; see docs/ptq.md)",
     )
     ptq.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="ONNX file to write")
 

@@ -39,15 +39,19 @@ class PTQConfig:
     """Which PTQ techniques to apply; each can be switched off on its own.
 
     - ``range_estimator``: activation ranges from the min/max seen, a percentile of
-      |x|, the range minimising the squared quantization error ("mse"; for
-      power-of-2 scales a choice among the few candidate exponents), or the mean
-      of each sample's max |x| ("mean_max": a rare outlier image cannot set the
-      range). Estimated ranges are written into the observers' min/max, so a
-      saved checkpoint quantizes as the calibrated module did. "auto" takes
-      "mse" for power-of-2 schemes and "minmax" for free scales, the better of the
-      two on the checkpoint population of benchmarks/ptq_population.py. Percentile,
-      mse and mean_max need a second pass over the calibration data; memory is one histogram
-      per quantizer. Asymmetric activations always use min/max.
+      |x|, the range minimising the squared quantization error pooled over all
+      values ("mse"; for power-of-2 scales a choice among the candidate exponents),
+      the same with each sample's error relative to its own energy ("sample_mse":
+      the mean over images of each image's relative error, so a rare outlier image
+      counts as one image instead of setting the range), or the mean of each
+      sample's max |x| ("mean_max"). "auto" takes "sample_mse" for every scheme: on
+      the checkpoint population of benchmarks/ptq_population.py its top-1 beat the
+      previous defaults (pooled mse for power-of-2, min/max for free scales) on 12
+      to 15 of 24 checkpoints and fell behind on 1 to 5 (docs/ptq.md).
+      Estimated ranges are written into the observers' min/max, so a saved
+      checkpoint quantizes as the calibrated module did. Every estimator but
+      minmax needs a second pass over the calibration data; memory is one
+      histogram per quantizer. Asymmetric activations always use min/max.
     - ``equalize``: cross-layer equalization of conv pairs; None = on for schemes with
       per-tensor weights (where it matters), off for per-channel ones.
     - ``bias_correction``: remove the mean output shift caused by weight rounding.
@@ -66,7 +70,7 @@ class PTQConfig:
 
     VERSION: ClassVar[int] = 1
 
-    range_estimator: Literal["auto", "minmax", "percentile", "mse", "mean_max"] = "auto"
+    range_estimator: Literal["auto", "minmax", "percentile", "mse", "sample_mse", "mean_max"] = "auto"
     percentile: float = 99.99
     equalize: bool | None = None
     bias_correction: bool = True
@@ -75,11 +79,10 @@ class PTQConfig:
     weight_exponent: Literal["error", "ceil"] = "error"
     adaround: bool = False
 
-    def estimator_for(self, scheme: Scheme) -> str:
-        """The activation range estimator this config runs for `scheme` ("auto" resolved)."""
-        if self.range_estimator != "auto":
-            return self.range_estimator
-        return "mse" if scheme.power_of_2 else "minmax"
+    @property
+    def estimator(self) -> str:
+        """The activation range estimator this config runs ("auto" resolved)."""
+        return "sample_mse" if self.range_estimator == "auto" else self.range_estimator
 
     def __post_init__(self) -> None:
         if self.range_estimator not in ESTIMATORS:
@@ -278,7 +281,7 @@ class PTQModule(QuantWrapper):
                 obs.track_channel_stats(dim)
         self._run(batches, "calibrate ranges", progress)
         self._check_ranges()  # before the histogram pass, which cannot bin an infinite range
-        estimator = cfg.estimator_for(self.scheme)
+        estimator = cfg.estimator
         if estimator != "minmax":
             estimated = [obs for obs in activations if obs.symmetric]
             for obs in estimated:
