@@ -7,6 +7,7 @@
     ... --peers none --configs default signed    # unsigned 8-bit activations against all-int8
     ... --peers none --configs default mse minmax mean_max --torch-eval   # activation range estimators
     ... --configs default per_channel     # int8_pow2_dw also with per-channel weights on every conv
+    ... --recipes short seed1_no_ls --configs default per_channel free_scales --output ptq_population_heldout
 
 One figure per architecture, from one recipe, proves little: on a model trained the way the
 method's authors train, every method sits at float. The population here is every model of
