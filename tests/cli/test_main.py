@@ -309,6 +309,7 @@ def test_errors_in_a_subprocess_are_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip() == f"edgequant ptq: error: weights file {tmp_path / 'w.pt'} does not exist"
 
 
+@pytest.mark.slow
 def test_ptq_on_an_image_folder(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for name in ("ants", "bees"):
@@ -328,6 +329,7 @@ def test_ptq_on_an_image_folder(tmp_path, capsys):
     assert sess.get_inputs()[0].shape[1:] == [3, 32, 32]
 
 
+@pytest.mark.slow
 def test_ptq_for_a_device_then_tidl_check_of_its_file(untrained_weights, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     args = ["ptq", SPEC, "--weights", str(untrained_weights), "--data", "digits", "--limit", "64"]

@@ -165,6 +165,7 @@ def test_prediction_convs_need_no_bn(images):
     assert finding.subject == ("seg",)
 
 
+@pytest.mark.slow
 def test_squeeze_excitation_convs_need_no_bn(images):
     model = build_model("mobilenet_v3_small")
     for inputs in (None, images):
@@ -348,6 +349,7 @@ def test_messages_are_one_line(images):
     assert all("\n" not in str(f) for f in findings)
 
 
+@pytest.mark.slow
 def test_surgery_candidates_for_a_device():
     model = build_model("mobilenet_v3_small").eval()
     x = torch.randn(2, 3, 32, 32)

@@ -378,6 +378,7 @@ class ConvNet(torch.nn.Module):
         return self.head(self.up(torch.relu(self.depthwise(torch.relu(self.conv(x))))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8_pow2", "int8"])
 def test_edgequant_export_runs_on_the_accelerator(tmp_path, scheme):
     torch.manual_seed(0)

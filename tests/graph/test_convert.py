@@ -31,6 +31,7 @@ def _bias_dq(model):
             yield node, x, w, b
 
 
+@pytest.mark.slow
 def test_biases_are_int32_with_scale_input_times_weight():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
@@ -92,6 +93,7 @@ def test_convert_leaves_the_training_graph_alone_and_shares_no_tensor_with_it():
     assert torch.equal(converted(x), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ptq", "qat"])
 def test_to_qdq_matches_torchaos_convert_on_a_graph_with_standalone_bn(wrapper):
     """Skipping torchao's QAT conv+BN fold changes nothing: same nodes, same outputs, bit for bit."""

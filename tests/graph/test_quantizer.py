@@ -229,6 +229,7 @@ class Attention(nn.Module):
         return self.head((weights @ tokens).mean(1))
 
 
+@pytest.mark.slow
 def test_ops_without_a_rule_stay_float_with_a_warning_naming_them(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(16, 3, 8, 8)
@@ -303,6 +304,7 @@ def _quantizer_grids(path) -> dict[str, tuple[np.dtype, float]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["int8_pow2", "int8"])
 @pytest.mark.parametrize("wrapper", ["ptq", "qat"])
 def test_never_negative_activations_get_the_unsigned_grid(preset, wrapper, tmp_path):

@@ -30,6 +30,7 @@ def _bn_buffers(qmodel: eq.QATModule) -> list[torch.Tensor]:
     return [b.clone() for name, b in qmodel.model.named_buffers() if "running_" in name]
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_and_leaves_bn_statistics_alone():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
@@ -96,6 +97,7 @@ class FullyConv(nn.Module):
         return self.head(torch.relu(self.down(self.body(x))))
 
 
+@pytest.mark.slow
 def test_a_wrong_input_size_is_one_line_that_says_what_to_do():
     x = torch.randn(4, 3, 32, 32)
     for qmodel in (
@@ -117,6 +119,7 @@ def test_a_wrong_input_size_is_one_line_that_says_what_to_do():
             qmodel(x, x)
 
 
+@pytest.mark.slow
 def test_dynamic_spatial_runs_and_calibrates_at_several_sizes(tmp_path):
     torch.manual_seed(0)
     small, large = torch.randn(4, 3, 16, 16), torch.randn(2, 3, 40, 24)  # sizes from 8 up
@@ -153,6 +156,7 @@ def test_an_uncalibrated_ptq_module_refuses_to_evaluate_convert_or_export(tmp_pa
         eq.QATModule.from_ptq(qmodel)
 
 
+@pytest.mark.slow
 def test_exporting_qat_before_any_step_warns_that_it_holds_the_initial_ranges(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     qmodel = eq.QATModule(Residual(), (x,)).eval()
@@ -179,6 +183,7 @@ class TwoInputs(nn.Module):
         return self.head(torch.cat([self.rgb(a), self.depth(b)], 1))
 
 
+@pytest.mark.slow
 def test_two_input_model_calibrates_trains_and_exports_with_parity(tmp_path):
     torch.manual_seed(0)
     a, b, labels = torch.randn(16, 3, 8, 8), torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))

@@ -47,6 +47,7 @@ def _trained_qat(x: torch.Tensor, scheme: str = "int8_pow2") -> eq.QATModule:
     return qmodel.eval()
 
 
+@pytest.mark.slow
 def test_qat_checkpoint_round_trip_restores_outputs_and_epoch(x, tmp_path):
     qmodel = _trained_qat(x)
     path = qmodel.save(tmp_path / "qat.pt")
@@ -78,6 +79,7 @@ def _as_format_1(path, out):
     return out
 
 
+@pytest.mark.slow
 def test_format_1_checkpoints_still_load(x, tmp_path, ptq_checkpoint):
     qmodel = _trained_qat(x)
     old = _as_format_1(qmodel.save(tmp_path / "q.pt"), tmp_path / "q1.pt")
@@ -108,6 +110,7 @@ def test_a_scheme_version_1_checkpoint_loads_only_into_signed_grids(x, tmp_path)
         assert torch.equal(fresh(x), ptq(x))
 
 
+@pytest.mark.slow
 def test_another_config_loads_with_a_warning(x, tmp_path):
     path = _trained_qat(x).save(tmp_path / "q.pt")
     with warnings.catch_warnings():
@@ -256,6 +259,7 @@ def test_qat_killed_mid_epoch_resumes_to_a_byte_identical_export(tmp_path):
     assert (resumed / "final.onnx").read_bytes() == (whole / "final.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_optimizer_state_travels_with_the_checkpoint(x, tmp_path):
     qmodel = eq.QATModule(_net(), (x,), "int8_pow2", config=eq.QATConfig(eq.FreezeSchedule(4))).train()
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)

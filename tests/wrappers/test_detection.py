@@ -131,6 +131,7 @@ def test_anchors_tidl_cannot_express_are_reported(canvases, tmp_path):
         qmodel.export(tmp_path / "r.onnx")
 
 
+@pytest.mark.slow
 def test_qat_step_computes_torchvisions_losses_and_trains_the_backbone(canvases, tmp_path):
     images, targets = canvases
     model = tiny_detector("retinanet", SIZE, warm=images)  # BN statistics of these images, as after training
@@ -155,6 +156,7 @@ def test_qat_step_computes_torchvisions_losses_and_trains_the_backbone(canvases,
     assert result.deploy.meta_arch is not None and result.detection_check is not None
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_line_errors(canvases):
     images, targets = canvases
     qmodel = _ptq("retinanet", canvases)

@@ -120,6 +120,7 @@ def test_evaluating_before_training_does_not_count_as_epoch(digits_train):
     assert qmodel.epoch == 1
 
 
+@pytest.mark.slow
 def test_gradients_reach_weights_through_rounding(digits_train):
     x, y = digits_train
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],))
@@ -130,6 +131,7 @@ def test_gradients_reach_weights_through_rounding(digits_train):
     assert all(float(g.abs().sum()) > 0 for g in grads[:5])
 
 
+@pytest.mark.slow
 def test_users_float_model_is_left_untouched(digits_train):
     x, y = digits_train
     model = warmed_model("resnet18", x, steps=1)
@@ -264,6 +266,7 @@ def test_dead_channel_model_trains_without_nan_and_ends_near_float(digits_model,
     assert accuracy(qmodel, test) >= float_top1 - 1.0
 
 
+@pytest.mark.slow
 def test_nan_input_in_training_raises_before_any_range_moves(digits_train):
     x, _ = digits_train
     qmodel = eq.QATModule(warmed_model("resnet18", x, steps=1), (x[:8],))
@@ -370,6 +373,7 @@ def test_qat_config_round_trips_and_validates():
         eq.QATConfig(sync="no")
 
 
+@pytest.mark.slow
 def test_default_call_and_a_wrong_config_type():
     x = torch.randn(4, 3, 8, 8)
     qmodel = eq.QATModule(_conv_bn(), (x,), "int8_pow2")
@@ -383,6 +387,7 @@ def test_default_call_and_a_wrong_config_type():
         eq.QATModule(_conv_bn(), (x,), "int8_pow2", 10)
 
 
+@pytest.mark.slow
 def test_averaging_constant_sets_how_fast_a_range_follows():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 8, 8)
@@ -401,6 +406,7 @@ def test_averaging_constant_sets_how_fast_a_range_follows():
     assert grown[0.5] == pytest.approx(8.875, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_freeze_schedule_from_the_config_freezes_bn_then_ranges():
     torch.manual_seed(2)
     x = torch.randn(16, 3, 8, 8)
@@ -454,6 +460,7 @@ def _train_losses(qmodel, forward, x, y, steps=3):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8_pow2", "int8"])
 def test_torch_compile_traces_one_graph_and_trains_exactly_as_eager(scheme):
     """No graph break inside the wrapped model; with Inductor's code generation left out
