@@ -63,6 +63,7 @@ from _common import RESULTS, save, table
 import edgequant as eq
 from edgequant.demo.data import digits_tensors
 from edgequant.demo.training import RECIPES, float_digits_model
+from edgequant.diagnose.analysis import sqnr_db
 from edgequant.export.runtime import run_onnx, session
 
 MODELS = ["resnet18", "mobilenet_v2", "regnet_x_400mf", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5"]
@@ -106,10 +107,6 @@ if os.environ.get("EDGEQUANT_POPULATION_FAST"):
     SKIPPED_VARIANTS.add(("brevitas", True, False))
 
 
-def _sqnr_db(signal: float, noise: float) -> float:
-    return 10.0 * np.log10(signal / noise) if noise > 0 else float("inf")
-
-
 def metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
     """top-1 %, agreement with float %, SQNR dB of quantized `logits` against float `reference`.
 
@@ -117,12 +114,11 @@ def metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor)
     logits decide it; "image_sqnr_db" is the median over images of each image's own SQNR,
     where every image counts once.
     """
-    signal, noise = (reference**2).sum(1), ((logits - reference) ** 2).sum(1)
-    per_image = [_sqnr_db(float(s), float(n)) for s, n in zip(signal, noise, strict=True)]
+    per_image = [sqnr_db(f, q) for f, q in zip(reference, logits, strict=True)]
     return {
         "top1": 100.0 * float((logits.argmax(1) == labels).float().mean()),
         "agreement": 100.0 * float((logits.argmax(1) == reference.argmax(1)).float().mean()),
-        "sqnr_db": _sqnr_db(float(signal.sum()), float(noise.sum())),
+        "sqnr_db": sqnr_db(reference, logits),
         "image_sqnr_db": float(np.median(per_image)),
     }
 
