@@ -13,11 +13,13 @@ from edgequant.export.parity import (
     Divergence,
     compare,
     flip_sqnr_db,
+    local_divergences,
     locate_divergence,
     output_sqnr_db,
     output_steps,
     reexport,
 )
+from edgequant.export.runtime import run_onnx, session
 from edgequant.graph.ops import Q_OPS
 
 from ..helpers import FloatNormNet
@@ -77,6 +79,37 @@ def test_corrupted_weight_is_caught_and_located(exported, tmp_path):
     assert isinstance(info.value, EdgequantError)  # one error base for what edgequant raises on purpose
 
 
+def test_op_by_op_check_blames_the_faulty_op_alone(exported, tmp_path):
+    """Each quantized tensor is computed from torch's own inputs: a bad conv2 does not spill into fc's tensor."""
+    path, reference, inputs, _ = exported
+    bad = tmp_path / "bad.onnx"
+    _corrupt_second_conv(path, bad)
+    local = local_divergences(str(bad), reference, inputs)
+    assert [d.module for d in local] == ["conv2"] and not local[0].is_rounding
+    # End to end, the same fault reaches every tensor after conv2, the output included.
+    with torch.no_grad():
+        want = reference(*inputs).numpy()
+    got = run_onnx(session(str(bad)), inputs)[0]
+    assert not np.array_equal(want, got)
+
+
+def test_fault_behind_rounding_drift_is_refused(exported, monkeypatch):
+    """Rounding at the first divergence no longer excuses a real fault further on."""
+    path, reference, inputs, _ = exported
+    monkeypatch.setattr(parity, "is_exact", lambda model: False)
+    monkeypatch.setattr(parity, "run_onnx", lambda sess, part: [np.zeros((part[0].shape[0], 4), np.float32)])
+    rounding = Divergence("q1", "conv1", count=1, size=10_000, max_lsb=1)
+    fault = Divergence("q3", "fc", count=40, size=100, max_lsb=9)
+    monkeypatch.setattr(parity, "local_divergences", lambda *args: [rounding, fault])
+    with pytest.raises(ParityError, match=r"output of `fc`.*computed from the same inputs"):
+        compare(str(path), reference, inputs)
+    monkeypatch.setattr(parity, "local_divergences", lambda *args: [rounding])
+    monkeypatch.setattr(parity, "flip_sqnr_db", lambda *args: 3.0)
+    with pytest.warns(ParityDriftWarning, match="every quantized tensor agrees up to rounding"):
+        report = compare(str(path), reference, inputs)
+    assert report.local == (rounding,) and "quantized tensors that differ: 1, each by rounding only" in str(report)
+
+
 def test_output_sqnr_matches_its_definition():
     expected = [np.array([[3.0, 4.0]]), np.array([[0.0]])]
     actual = [np.array([[3.0, 4.5]]), np.array([[0.5]])]
@@ -110,7 +143,7 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     monkeypatch.setattr(parity, "output_steps", lambda model: [None])
     monkeypatch.setattr(parity, "is_exact", lambda model: False)
     rounding = parity.Divergence("q", "conv1", count=1, size=10_000, max_lsb=1)
-    monkeypatch.setattr(parity, "locate_divergence", lambda *args: rounding)
+    monkeypatch.setattr(parity, "local_divergences", lambda *args: [rounding])
     monkeypatch.setattr(parity, "flip_sqnr_db", lambda *args: 12.5)
     inputs = (torch.zeros(samples, 3, 8, 8),)
     with warnings.catch_warnings(record=True) as caught:
@@ -122,7 +155,7 @@ def test_near_tie_flips_pass_whatever_the_sample_count_and_amplified_drift_warns
     assert len(drift) == (0 if passes else 1)
     if not passes:
         message = str(drift[0].message)
-        assert "dB SQNR" in message and "torch alone moves torch's outputs to 12.5 dB" in message
+        assert "dB SQNR" in message and "torch alone move torch's outputs to 12.5 dB" in message
     assert report.flip_sqnr_db == (None if passes else 12.5)
 
 
@@ -137,7 +170,7 @@ def test_flip_sqnr_moves_the_named_values_one_step(exported):
     for count in (1, 3):
         divergence = Divergence(last_q.name, "fc", count=count, size=y.numel(), max_lsb=1)
         # Each flipped value moves by exactly one output step (up, or down at the top of the range).
-        assert flip_sqnr_db(reference, inputs, divergence) == pytest.approx(10 * np.log10(signal / (count * step**2)))
+        assert flip_sqnr_db(reference, inputs, [divergence]) == pytest.approx(10 * np.log10(signal / (count * step**2)))
 
 
 @pytest.mark.filterwarnings("ignore::edgequant.UnquantizedOpsWarning")
@@ -171,6 +204,9 @@ def test_export_judges_parity_on_calibration_samples_not_the_example_batch(tmp_p
     result = qmodel.export(tmp_path / "mobilenet_v2.onnx")
     assert result.parity.samples == PARITY_SAMPLES
     assert result.parity.rounding is not None and result.parity.rounding.is_rounding
+    # Op by op, every quantized tensor that differs does so by rounding; the first is the end-to-end first.
+    assert result.parity.local and result.parity.local[0] == result.parity.rounding
+    assert all(d.is_rounding for d in result.parity.local)
 
 
 def test_rounding_is_one_step_on_at_most_one_percent_or_one_value():

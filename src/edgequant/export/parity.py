@@ -2,7 +2,10 @@
 
 The check is strict on purpose: with int32 biases and power-of-2 scales the two
 compute the same integers, so any difference is a bug to report, with the first
-quantized tensor where they part.
+quantized tensor where they part. Elsewhere the two may round a tie differently, and a
+deep model can amplify one such tie until the outputs part; so the file is also checked
+op by op, each quantized tensor computed by onnxruntime from torch's own values of its
+inputs, where a fault cannot hide behind drift.
 """
 
 from __future__ import annotations
@@ -74,8 +77,10 @@ class ParityReport:
     samples: int
     sqnr_db: float = math.inf  # onnxruntime's outputs against torch's
     rounding: Divergence | None = None
-    # Under drift: torch's outputs against torch's own with the first divergence's flips made
-    # in torch alone (`flip_sqnr_db`): how far the model itself amplifies that much rounding.
+    # Op by op (each quantized tensor from torch's values of its inputs): those that differ, all by rounding.
+    local: tuple[Divergence, ...] = ()
+    # Under drift: torch's outputs against torch's own with as many flips, at the tensors of `local`,
+    # made in torch alone (`flip_sqnr_db`): how far the model itself amplifies that much rounding.
     flip_sqnr_db: float | None = None
     # (max |diff|, top-1 agreement) of the wrapper's eval mode vs the converted model.
     eval_agreement: tuple[float, float] | None = None
@@ -90,8 +95,14 @@ class ParityReport:
             text += f", SQNR {self.sqnr_db:.1f} dB"
         if self.rounding:
             text += f"; rounding-level differences only ({self.rounding})"
+        if self.local:
+            worst = max(self.local, key=lambda d: d.count / d.size)
+            text += (
+                f"; op by op, from the same inputs, quantized tensors that differ: {len(self.local)}, each by "
+                f"rounding only (most: {worst.count} of {worst.size} values of `{worst.tensor}`)"
+            )
         if self.flip_sqnr_db is not None:
-            text += f"; the same flips made in torch alone move its outputs to {self.flip_sqnr_db:.1f} dB"
+            text += f"; as many flips made in torch alone move its outputs to {self.flip_sqnr_db:.1f} dB"
         if self.eval_agreement is not None:
             diff, agree = self.eval_agreement
             text += f"; eval mode vs converted model: max |diff| {diff:g}, top-1 agreement {100 * agree:.2f}%"
@@ -216,22 +227,30 @@ def compare(
     report = ParityReport(worst, steps[0] if steps else None, agree / total if total else 1.0, inputs[0].shape[0], sqnr)
     if not too_far and not flips:
         return report
-    divergence = locate_divergence(onnx_path, model, inputs)
-    if divergence is not None and divergence.is_rounding and not is_exact(model):
+    local = local_divergences(onnx_path, model, inputs)
+    faults = [d for d in local if not d.is_rounding]
+    if local and not faults and not is_exact(model):
+        report = replace(report, rounding=local[0], local=tuple(local))
         if sqnr >= PARITY_SQNR_DB:
-            return replace(report, rounding=divergence)
-        flip_db = flip_sqnr_db(model, inputs, divergence)
+            return report
+        flip_db = flip_sqnr_db(model, inputs, local)
         warnings.warn(
             ParityDriftWarning(
-                f"onnxruntime and torch part only by rounding ({divergence}), but the model amplifies it: "
-                f"their outputs agree at {sqnr:.1f} dB SQNR, under {PARITY_SQNR_DB:g} dB; the same number of "
-                f"one-step flips made in torch alone moves torch's outputs to {flip_db:.1f} dB. The engine "
-                "will see the same drift; a trained model usually amplifies far less than a random one"
+                f"onnxruntime and torch part only by rounding ({local[0]}; op by op, from the same inputs, "
+                f"every quantized tensor agrees up to rounding), but the model amplifies it: their outputs "
+                f"agree at {sqnr:.1f} dB SQNR, under {PARITY_SQNR_DB:g} dB; as many one-step flips at the same "
+                f"tensors made in torch alone move torch's outputs to {flip_db:.1f} dB. The engine will see the same "
+                "drift; a trained model usually amplifies far less than a random one"
             ),
             stacklevel=3,
         )
-        return replace(report, rounding=divergence, flip_sqnr_db=flip_db)
-    where = str(divergence) if divergence else "all quantized tensors agree; the difference arises after the last one"
+        return replace(report, flip_sqnr_db=flip_db)
+    if faults and local[0].is_rounding:  # drift first, then a real fault further on
+        where = f"{faults[0]}, computed from the same inputs as torch (before it, rounding only: {local[0]})"
+    elif local:
+        where = str(local[0])
+    else:
+        where = "all quantized tensors agree; the difference arises after the last one"
     raise ParityError("onnxruntime disagrees with the converted model: " + "; ".join(too_far + flips) + f"; {where}.")
 
 
@@ -248,18 +267,20 @@ class _Recorder(Interpreter):
 
 
 class _Flipper(Interpreter):
-    """Runs the model with the `flips` values of quantized tensor `name` nearest a rounding tie rounded the other way.
+    """Runs the model with, for each quantized tensor named in `flips`, that many of its values nearest a
+    rounding tie rounded the other way.
 
     Those are the values another float32 runtime is likeliest to round differently.
     """
 
-    def __init__(self, module: GraphModule, name: str, flips: int) -> None:
+    def __init__(self, module: GraphModule, flips: dict[str, int]) -> None:
         super().__init__(module)
-        self.name, self.flips = name, flips
+        self.flips = flips
 
     def run_node(self, n: Node) -> object:
         result = super().run_node(n)
-        if n.name != self.name or not self.flips:
+        count = self.flips.get(n.name, 0)
+        if not count:
             return result
         x, scale, zero_point = (self.env[a] if isinstance(a, Node) else a for a in n.args[:3])
         scale, zero_point = torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(zero_point)
@@ -271,7 +292,7 @@ class _Flipper(Interpreter):
         nearest = to_grid(x, scale)  # the one rounding: what the quantize node computed before clamping
         away = (exact - exact.floor() - 0.5).abs()  # 0 at a tie
         away[nearest + zero_point != result] = math.inf  # clamped values are no ties
-        where = torch.topk(away.reshape(-1), min(self.flips, away.numel()), largest=False).indices
+        where = torch.topk(away.reshape(-1), min(count, away.numel()), largest=False).indices
         down = (exact < nearest).reshape(-1)[where]  # rounded up, so the other way is down
         flat = result.clone().reshape(-1)
         qmin, qmax = n.args[-3], n.args[-2]  # quantize ops end with (..., quant_min, quant_max, dtype)
@@ -279,12 +300,12 @@ class _Flipper(Interpreter):
         return flat.reshape(result.shape)
 
 
-def flip_sqnr_db(model: GraphModule, inputs: tuple[torch.Tensor, ...], divergence: Divergence) -> float:
-    """Torch's outputs against torch's own with `divergence.count` values of its tensor moved one step.
+def flip_sqnr_db(model: GraphModule, inputs: tuple[torch.Tensor, ...], divergences: list[Divergence]) -> float:
+    """Torch's outputs against torch's own with, in each tensor of `divergences`, `count` values moved one step.
 
-    The counterfactual for rounding drift: if rounding, in torch alone, as many values of
-    the first diverging tensor the other way as onnxruntime did (those nearest a tie) moves
-    the outputs about as far as onnxruntime's are, the distance is the model's
+    The counterfactual for rounding drift: if rounding, in torch alone, as many values
+    the other way as onnxruntime did, at the same tensors (those values nearest a tie),
+    moves the outputs about as far as onnxruntime's are, the distance is the model's
     amplification of rounding ties, not a fault of the file. The flips are spread over
     the chunks.
     """
@@ -292,9 +313,9 @@ def flip_sqnr_db(model: GraphModule, inputs: tuple[torch.Tensor, ...], divergenc
     expected, actual = [], []
     with torch.no_grad():
         for i, part in enumerate(parts):
-            flips = divergence.count // len(parts) + (i < divergence.count % len(parts))
+            flips = {d.tensor: d.count // len(parts) + (i < d.count % len(parts)) for d in divergences}
             expected.append([t.numpy() for t in _as_list(model(*part))])
-            flipped = _Flipper(model, divergence.tensor, flips).run(*part)
+            flipped = _Flipper(model, flips).run(*part)
             actual.append([t.numpy() for t in _as_list(flipped)])
     return output_sqnr_db(_joined(expected), _joined(actual))
 
@@ -342,11 +363,35 @@ def reexport(
     return program, reference
 
 
-def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> Divergence | None:
-    """The first quantized tensor (in graph order) where torch and onnxruntime differ, if any."""
+FED_SUFFIX = "__torch"  # graph input that carries torch's values of a quantized tensor
+
+
+def _fed_from_torch(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`proto` with every op that reads a quantized tensor `t` of `names` reading graph input `t__torch` instead.
+
+    Each quantized tensor (still a graph output) is then computed from torch's values of
+    its inputs: a difference there is that op's own, not one carried in from upstream.
+    """
+    outputs = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
+    fed = set(names)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in fed:
+                node.input[i] = name + FED_SUFFIX
+    return proto
+
+
+def local_divergences(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[Divergence]:
+    """Every quantized tensor (in graph order) that onnxruntime computes differently from torch's values of its inputs.
+
+    The first is also the first tensor where the two runtimes part when run end to end
+    (its inputs agree there); the later ones are each op's own difference, free of the
+    drift the ones before it set off.
+    """
     proto = onnx.load(onnx_path)
     produced = {o for node in proto.graph.node for o in node.output}
-    sess, names = None, []
+    sess, names, fed = None, [], []
     # Per quantized tensor, over all chunks: [values that differ, values, largest difference in steps].
     tally: dict[str, list[int]] = {}
     for part in chunks(inputs):
@@ -355,12 +400,16 @@ def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Te
             recorder.run(*part)
         if sess is None:
             names = [n for n in recorder.values if n in produced]
-            existing = {o.name for o in proto.graph.output}
-            for name in names:
-                if name not in existing:
-                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
-            sess = session(proto.SerializeToString())
-        got = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, part), strict=True))
+            consumed = {i for node in proto.graph.node for i in node.input}
+            fed = [n for n in names if n in consumed]
+            for name in fed:
+                value = recorder.values[name]
+                elem = onnx.helper.np_dtype_to_tensor_dtype(value.numpy().dtype)
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(name + FED_SUFFIX, elem, None))
+            sess = session(_fed_from_torch(proto, names).SerializeToString())
+            del proto
+        graph_inputs = tuple(part) + tuple(recorder.values[n] for n in fed)
+        got = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, graph_inputs), strict=True))
         for name in names:
             want, have = recorder.values[name].numpy(), got.get(name)
             if have is None:
@@ -370,9 +419,16 @@ def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Te
             if not np.array_equal(want, have):
                 count[0] += int((want != have).sum())
                 count[2] = max(count[2], int(np.abs(want.astype(np.int64) - have.astype(np.int64)).max()))
-    for name in names:
-        differ, size, lsb = tally.get(name, (0, 0, 0))
-        if differ:
-            node = next(n for n in model.graph.nodes if n.name == name)
-            return Divergence(name, _module_path(node), differ, size, lsb)
-    return None
+    nodes = {n.name: n for n in model.graph.nodes}
+    return [
+        Divergence(name, _module_path(nodes[name]), differ, size, lsb)
+        for name in names
+        for differ, size, lsb in [tally.get(name, (0, 0, 0))]
+        if differ
+    ]
+
+
+def locate_divergence(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> Divergence | None:
+    """The first quantized tensor (in graph order) where torch and onnxruntime differ, if any."""
+    local = local_divergences(onnx_path, model, inputs)
+    return local[0] if local else None
