@@ -91,6 +91,9 @@ TIMM_MODELS = (
     "mobilevit_xxs",
     "edgenext_xx_small",
 )
+# A row under the SQNR bar is drift, not a fault, when the file agrees with torch op by op and torch alone,
+# with as many ties rounded the other way at the same tensors, lands at most this much above onnxruntime.
+DRIFT_MARGIN_DB = 3.0
 # How the rows saved before the SQNR rule (no "rule" field) passed.
 OLD_RULE_NOTE = "export and parity check did not raise; no SQNR measured"
 
@@ -261,6 +264,12 @@ def run_one(name: str, library: str, scheme: str, size: int | None, status: Path
             row["divergence"] = str(result.parity.rounding)
         if result.parity.flip_sqnr_db is not None:
             row["flip_sqnr_db"] = round(result.parity.flip_sqnr_db, 2)
+        if result.parity.local:  # op by op, from the same inputs: each tensor's own rounding differences
+            row["op_by_op"] = {
+                "tensors": len(result.parity.local),
+                "values": sum(d.count for d in result.parity.local),
+                "worst_fraction": max(d.count / d.size for d in result.parity.local),
+            }
         # A pass means agreement, not only an export that did not raise: rounding drift that
         # compounds below PARITY_SQNR_DB is what the engine would run, so the model fails here.
         row["ok"] = result.parity.sqnr_db >= PARITY_SQNR_DB
@@ -327,14 +336,23 @@ def reason_note(row: dict) -> str:
             "torch.export cannot capture this model as written, so no graph-based quantizer can; "
             "the fix belongs in the model code (see the construct) or in torch.export."
         )
+    if row["stage"] == "agreement" and is_drift(row):
+        local = row["op_by_op"]
+        return (
+            f"nothing in the file: op by op (each quantized tensor computed by onnxruntime from torch's values of "
+            f"its inputs) {local['values']} values in {local['tensors']} tensors differ, each by one step, at most "
+            f"{100 * local['worst_fraction']:.3f}% of a tensor: ties that float32 arithmetic done in another order "
+            "(conv sums, and any op left in float) rounds the other way. "
+            "The random-weight model amplifies those few ties: torch alone, with as many of its "
+            f"values nearest a tie rounded the other way at the same tensors, lands at {row['flip_sqnr_db']:.1f} dB "
+            "from itself. No float32 runtime can agree with torch at the bar on this model; trained models "
+            "amplify far less (benchmarks/parity.py: 45-48 dB at int8 on digits-trained resnet18 and mobilenet_v2)."
+        )
     if row["stage"] == "agreement":
         return (
-            "the export is correct op by op up to rounding (the first diverging tensor is off by at most one step "
-            "on under 1% of its values), but the model amplifies that rounding until onnxruntime's outputs and "
-            "torch's agree below the SQNR bar; the engine would see the same drift. The figure in brackets is "
-            "torch against itself with only that tensor's flips made in torch alone (its values nearest a tie "
-            "rounded the other way; inf where later layers absorb them): where it is about as low, the distance "
-            "is the random-weight model's amplification of rounding ties, not a fault of the file."
+            "the first diverging tensor is off by rounding only, but torch alone, with as many ties rounded the "
+            "other way, stays closer to itself than onnxruntime does (or was not measured): an export difference "
+            "that is more than drift, to reproduce with `--models` and compare op by op (`parity.local_divergences`)."
         )
     if error.startswith("CaptureError"):
         return (
@@ -363,9 +381,20 @@ def reason_note(row: dict) -> str:
     return f"edgequant bug: the model exports with torch.export but the chain fails at `{stage}`; see the reason."
 
 
+def is_drift(row: dict) -> bool:
+    """Under the SQNR bar by the model's amplification of rounding ties alone (see DRIFT_MARGIN_DB)."""
+    flip = row.get("flip_sqnr_db")
+    return (
+        row["stage"] == "agreement"
+        and "op_by_op" in row
+        and flip is not None
+        and flip <= row["sqnr_db"] + DRIFT_MARGIN_DB
+    )
+
+
 def result_text(row: dict) -> str:
     if not row["ok"]:
-        return "FAIL"
+        return "drift" if is_drift(row) else "FAIL"
     return "pass" if row.get("rule") == "sqnr" else "pass (old rule)"
 
 
@@ -398,6 +427,10 @@ def why_text(row: dict) -> str:
         return ""
     text = row.get("construct") or row.get("error", "")
     return text.replace("|", "\\|")[:140]
+
+
+def _named(rows: list[dict]) -> str:
+    return ", ".join(f"{r['model']} ({r.get('scheme')}, {r.get('input', '?')}x{r.get('input', '?')})" for r in rows)
 
 
 def _largest(rows: list[dict]) -> str:
@@ -466,6 +499,7 @@ def section(library: str, saved: dict) -> list[str]:
     measured = [r for r in main if r.get("rule") == "sqnr"]
     old = [r for r in main if r not in measured]
     passed = [r for r in measured if r["ok"]]
+    drift = [r for r in measured if is_drift(r)]
     exportable = [r for r in measured if r["stage"] != "torch.export"]
     try:
         missing = sorted(set(all_models(library)) - {r["model"] for r in main})
@@ -480,7 +514,13 @@ def section(library: str, saved: dict) -> list[str]:
         f"- default: scheme `{DEFAULT_SCHEME}`, the smallest square input each model accepts",
         f"- under the SQNR rule (pass: onnxruntime vs torch SQNR ≥ {PARITY_SQNR_DB:g} dB), "
         f"measured {', '.join(dates) or '-'}: {len(passed)} of {len(measured)} models pass; "
-        f"{len(passed)} of {len(exportable)} that torch.export captures",
+        f"{len(passed)} of {len(exportable)} that torch.export captures"
+        + (
+            f"; of the others, {len(drift)} agree op by op and drift end to end (no pass): "
+            + ", ".join(r["model"] for r in drift)
+            if drift
+            else ""
+        ),
     ]
     if old:
         when = ", ".join(sorted({r.get("measured", "before the SQNR rule") for r in old}))
@@ -489,14 +529,12 @@ def section(library: str, saved: dict) -> list[str]:
             f"marked `pass (old rule)`: {len(old)} models: " + ", ".join(r["model"] for r in old)
         ]
     if others:
-        failed = [
-            f"{r['model']} ({r.get('scheme')}, {r.get('input', '?')}x{r.get('input', '?')})"
-            for r in others
-            if not r["ok"]
-        ]
+        drifted = [r for r in others if is_drift(r)]
+        failed = [r for r in others if not r["ok"] and r not in drifted]
         lines += [
             f"- other schemes and input sizes (second table): {sum(r['ok'] for r in others)} of {len(others)} rows pass"
-            + (f"; FAIL: {', '.join(failed)}" if failed else "")
+            + (f"; drift: {_named(drifted)}" if drifted else "")
+            + (f"; FAIL: {_named(failed)}" if failed else "")
         ]
     if missing:
         lines += [f"- not run: {', '.join(missing)}"]
@@ -507,7 +545,7 @@ def section(library: str, saved: dict) -> list[str]:
         lines += ["### Other schemes and input sizes", "", _rows_table(others), ""]
     failures = [r for r in rows if not r["ok"]]
     if failures:
-        lines += ["### Failures", ""]
+        lines += ["### Failures and drift", ""]
         for r in failures:
             lines += [
                 f"#### {r['model']} ({r.get('scheme', DEFAULT_SCHEME)}, {r.get('input', '?')}x{r.get('input', '?')})",
@@ -548,10 +586,14 @@ def write_coverage() -> None:
         "not raise; they have no SQNR and keep that mark until they are rerun (`--update --models ...`).",
         "SQNR `exact`: onnxruntime's outputs equal torch's bit for bit (as they must with 8-bit power-of-2",
         "scales and no op left in float); a number: the two runtimes round some ties differently, and the",
-        "number says how far that leaves their outputs apart. Under the bar, the figure in brackets is torch",
-        "against itself with only the first diverging tensor's flips made in torch alone, at its values nearest",
-        "a rounding tie (`ParityReport.flip_sqnr_db`): how far the model amplifies that much rounding by itself",
-        "(inf where later layers absorb those flips; later tensors' own ties are not counted).",
+        "number says how far that leaves their outputs apart. Under the bar, the export check has compared",
+        "the file op by op: each quantized tensor computed by onnxruntime from torch's own values of its",
+        "inputs, which may differ from torch's by one step on under 1% of its values and no more, or the",
+        "export raises. The figure in brackets is torch against itself with as many values, at the same",
+        "tensors, rounded the other way (those nearest a tie; `ParityReport.flip_sqnr_db`): how far the model",
+        "amplifies that much rounding by itself. A row under the bar is `drift` when that figure is at most",
+        f"{DRIFT_MARGIN_DB:g} dB above onnxruntime's (the file agrees op by op and the distance is the model's);",
+        "`drift` is not counted as a pass.",
         "A model that plain torch.export cannot capture fails at `torch.export`; its row names the",
         "construct that stopped it, from edgequant's capture message.",
         "",
