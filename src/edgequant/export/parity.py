@@ -76,7 +76,6 @@ class ParityReport:
     top1_agreement: float
     samples: int
     sqnr_db: float = math.inf  # onnxruntime's outputs against torch's
-    rounding: Divergence | None = None
     # Op by op (each quantized tensor from torch's values of its inputs): those that differ, all by rounding.
     local: tuple[Divergence, ...] = ()
     # Under drift: torch's outputs against torch's own with as many flips, at the tensors of `local`,
@@ -84,6 +83,11 @@ class ParityReport:
     flip_sqnr_db: float | None = None
     # (max |diff|, top-1 agreement) of the wrapper's eval mode vs the converted model.
     eval_agreement: tuple[float, float] | None = None
+
+    @property
+    def rounding(self) -> Divergence | None:
+        """The first tensor where the runtimes part, by rounding only (None when they agree)."""
+        return self.local[0] if self.local else None
 
     def __str__(self) -> str:
         step = f"{self.output_step:g}" if self.output_step else "float output"
@@ -230,7 +234,7 @@ def compare(
     local = local_divergences(onnx_path, model, inputs)
     faults = [d for d in local if not d.is_rounding]
     if local and not faults and not is_exact(model):
-        report = replace(report, rounding=local[0], local=tuple(local))
+        report = replace(report, local=tuple(local))
         if sqnr >= PARITY_SQNR_DB:
             return report
         flip_db = flip_sqnr_db(model, inputs, local)
@@ -366,20 +370,26 @@ def reexport(
 FED_SUFFIX = "__torch"  # graph input that carries torch's values of a quantized tensor
 
 
-def _fed_from_torch(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """`proto` with every op that reads a quantized tensor `t` of `names` reading graph input `t__torch` instead.
+def _fed_from_torch(proto: onnx.ModelProto, values: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto, list[str]]:
+    """`proto` with every op that reads a quantized tensor `t` of `values` reading a graph input `t__torch` instead.
 
-    Each quantized tensor (still a graph output) is then computed from torch's values of
+    Each quantized tensor (made a graph output) is then computed from torch's values of
     its inputs: a difference there is that op's own, not one carried in from upstream.
+    Returns the model and the tensors fed, in order: the extra inputs to pass after the model's own.
     """
     outputs = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
-    fed = set(names)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in values if n not in outputs)
+    consumed = {i for node in proto.graph.node for i in node.input}
+    fed = [n for n in values if n in consumed]
+    for name in fed:
+        elem = onnx.helper.np_dtype_to_tensor_dtype(values[name].numpy().dtype)
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(name + FED_SUFFIX, elem, None))
+    rewired = set(fed)
     for node in proto.graph.node:
         for i, name in enumerate(node.input):
-            if name in fed:
+            if name in rewired:
                 node.input[i] = name + FED_SUFFIX
-    return proto
+    return proto, fed
 
 
 def local_divergences(onnx_path: str, model: GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[Divergence]:
@@ -400,14 +410,9 @@ def local_divergences(onnx_path: str, model: GraphModule, inputs: tuple[torch.Te
             recorder.run(*part)
         if sess is None:
             names = [n for n in recorder.values if n in produced]
-            consumed = {i for node in proto.graph.node for i in node.input}
-            fed = [n for n in names if n in consumed]
-            for name in fed:
-                value = recorder.values[name]
-                elem = onnx.helper.np_dtype_to_tensor_dtype(value.numpy().dtype)
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(name + FED_SUFFIX, elem, None))
-            sess = session(_fed_from_torch(proto, names).SerializeToString())
-            del proto
+            rewired, fed = _fed_from_torch(proto, {n: recorder.values[n] for n in names})
+            sess = session(rewired.SerializeToString())
+            del proto, rewired
         graph_inputs = tuple(part) + tuple(recorder.values[n] for n in fed)
         got = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, graph_inputs), strict=True))
         for name in names:
