@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgequant.core.files import write_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quiet torchao's import-time pytree deprecation warning, as edgequant itself does.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -61,8 +63,8 @@ def save(name: str, command: str, rows: list[dict]) -> Path:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "rows": rows,
     }
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+    # Atomic: a benchmark killed while saving leaves the previous results whole.
+    return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def warm_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:

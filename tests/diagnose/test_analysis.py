@@ -139,21 +139,34 @@ def test_quantizer_owners_match_the_mixed_precision_quantizer(tiny, digits8):
         assert actual == predicted, layer
 
 
-def test_simulation_matches_the_ptq_models(tiny, digits8):
-    """Fake-quant from one 8-bit calibration reproduces the converted 8-bit, 16-bit and mixed PTQ models."""
+@pytest.mark.parametrize("outlier", [1.0, 30.0], ids=["plain", "outlier_image"])
+def test_simulation_matches_the_ptq_models(tiny, digits8, outlier):
+    """The 8-bit and 16-bit calibrations reproduce the converted 8-bit, 16-bit and mixed PTQ models.
+
+    With one calibration image 30x brighter, the 8-bit ranges clip it and the 16-bit ones
+    do not: a 16-bit layer must run on its 16-bit range, as the mixed model does.
+    """
     x, xt, _ = digits8
+    x = x.clone()
+    x[0] *= outlier
     calib = [x[i : i + 64] for i in range(0, 256, 64)]
 
     def ptq(scheme):
         return eq.PTQModule(tiny, (x[:8],), scheme).calibrate(calib, progress=False)
 
-    ptq8 = ptq("int8_pow2")
-    sim = BitWidthSimulator(ptq8.model, bias_correction=True)
+    ptq8, ptq16 = ptq("int8_pow2"), ptq("int16_pow2")
+    if outlier > 1:
+        clipped = [
+            (a.max_val, b.max_val)
+            for a, b in zip(ptq8.activation_observers(), ptq16.activation_observers(), strict=True)
+        ]
+        assert any(float(a.max()) < float(b.max()) for a, b in clipped)
+    sim = BitWidthSimulator(ptq8.model, ptq16.model, bias_correction=True)
     mixed = eq.get_scheme("int8_pow2").with_high_precision(["block.3", "fc"])
     with torch.no_grad():
         for layers, others, high, real in (
             (8, 8, {}, ptq8),
-            (16, 16, {}, ptq("int16_pow2")),
+            (16, 16, {}, ptq16),
             (8, 8, {"block.3": 16, "fc": 16}, ptq(mixed)),
         ):
             sim.configure(layers, others, high)

@@ -252,14 +252,21 @@ def _qparams(
 
 
 class _Switch(nn.Module):
-    """A calibrated observer turned into a fake-quantizer whose bit width can change (None: float)."""
+    """A calibrated observer turned into a fake-quantizer whose bit width can change (None: float).
 
-    def __init__(self, observer: RangeObserver, constant: torch.Tensor | None) -> None:
+    At 16 bit an activation takes its range from `wide`, the same quantizer calibrated at
+    16 bit: the 8-bit range may clip what a 16-bit calibration covers (a range estimator
+    trades clipping against an 8-bit step, and at 16 bit the step is 256 times finer).
+    """
+
+    def __init__(
+        self, observer: RangeObserver, constant: torch.Tensor | None, wide: RangeObserver | None = None
+    ) -> None:
         super().__init__()
         self.axis = observer.ch_axis
         self.symmetric = observer.symmetric
         self.power_of_2 = observer.power_of_2
-        self.params = {bits: _qparams(observer, bits, constant) for bits in (8, 16)}
+        self.params = {8: _qparams(observer, 8, constant), 16: _qparams(wide or observer, 16, constant)}
         self.low, self.high = float(observer.min_val.min()), float(observer.max_val.max())
         self.constant = constant is not None
         self.bits: int | None = None
@@ -290,6 +297,17 @@ class _Switch(nn.Module):
         if self.bits not in self._cache:
             self._cache[self.bits] = self.quantize(x, self.bits)
         return self._cache[self.bits]
+
+
+def _wide_observer(wide: GraphModule, node: Node) -> RangeObserver:
+    """The observer of `wide` at the place of `node`'s: both graphs come from one capture and prepare."""
+    try:
+        observer = wide.get_submodule(node.target)
+    except AttributeError:
+        observer = None
+    if not isinstance(observer, RangeObserver):
+        raise UsageError(f"the 16-bit graph has no quantizer {node.target!r}: calibrate both widths from one model")
+    return observer
 
 
 @dataclass
@@ -330,16 +348,23 @@ class _Layer:
 
 
 class BitWidthSimulator:
-    """A copy of a calibrated prepared graph whose quantizers run at chosen bit widths."""
+    """A copy of a calibrated prepared graph whose quantizers run at chosen bit widths.
 
-    def __init__(self, prepared: GraphModule, bias_correction: bool) -> None:
+    `prepared` is calibrated with the 8-bit scheme and `wide` with its 16-bit counterpart
+    (`sixteen_bit`), on the same data: each activation runs at 16 bit on the range that
+    the 16-bit calibration chose, as in a mixed-precision model calibrated for real.
+    Weights at either width are ranged on the weights themselves.
+    """
+
+    def __init__(self, prepared: GraphModule, wide: GraphModule, bias_correction: bool) -> None:
         gm = copy.deepcopy(prepared)
         owners = quantizer_owners(gm)
         switches: dict[str, _Switch] = {}
         for node in gm.graph.nodes:
             obs = _observer(gm, node)
             if obs is not None and node.target not in switches:
-                switches[node.target] = _Switch(obs, constant=constant(gm, node.args[0]))
+                weight = constant(gm, node.args[0])
+                switches[node.target] = _Switch(obs, weight, None if weight is not None else _wide_observer(wide, node))
         self.layers = self._layers(gm, switches, bias_correction)
         for target, switch in switches.items():
             gm.set_submodule(target, switch)
@@ -558,8 +583,8 @@ def analyze(
         return ptq, fidelity(s.name, reference, _outputs(ptq, evaluation.inputs), labels)
 
     ptq8, int8 = measure(base)
-    _, int16 = measure(wide)
-    sim = BitWidthSimulator(ptq8.model, ptq8.config.bias_correction)
+    ptq16, int16 = measure(wide)
+    sim = BitWidthSimulator(ptq8.model, ptq16.model, ptq8.config.bias_correction)
     sim.count_outside(evaluation.inputs)
     sweep_inputs = evaluation.head(sweep_samples)
     sweep_reference = reference[: sum(len(x) for x in sweep_inputs)]
