@@ -91,6 +91,20 @@ def test_recommendation_line_pastes_into_a_scheme():
     assert namespace["scheme"].weight_bits == 8
 
 
+def test_every_layer_in_16_bit_missing_the_target_names_the_16_bit_scheme():
+    report = _report()
+    every = _report(
+        recommended_high_precision=[layer.name for layer in report.layers],
+        recommended=Fidelity("int8_pow2+16bit", 1.6, 99.44, 96.94),
+        target_met=False,
+    )
+    assert "still misses the target" in str(every)
+    assert "16-bit scheme 'int16_pow2'" in str(every)
+    assert "16-bit scheme" not in str(report)  # met: no such advice
+    some = _report(target_met=False)  # two layers chosen; the confirmed model misses
+    assert "still misses the target" in str(some) and "16-bit scheme" not in str(some)
+
+
 def test_text_without_recommendation_and_with_hints():
     report = _report(
         verdict=VERDICT_OUTSIDE,

@@ -129,7 +129,13 @@ def _recommendation_text(report: AnalysisReport) -> str:
         return f"No layer needs 16 bit: {report.scheme} meets the target."
     n = len(report.recommended_high_precision)
     met = "meets the target" if report.target_met else "still misses the target"
-    return f"Keep {n} layer{'s' if n > 1 else ''} in 16 bit ({met}):\n  {recommendation_code(report)}"
+    text = f"Keep {n} layer{'s' if n > 1 else ''} in 16 bit ({met}):\n  {recommendation_code(report)}"
+    if not report.target_met and n == len(report.layers):
+        text += (
+            "\n  Every conv / linear layer is in 16 bit here; the residual adds, multiplies and pools stay"
+            f" 8-bit in mixed precision and hold it back. Fix: the 16-bit scheme {report.scheme_16bit!r}."
+        )
+    return text
 
 
 def render_text(report: AnalysisReport) -> str:
