@@ -18,6 +18,7 @@ images (as a trained model has), digits upsampled to the model's input size.
   torch.compile of the QATModule (Inductor, and aot_eager): the first steps' losses
   against eager's, and its step time against eager's and against the compiled float model's.
 - --profile MODEL: cProfile of our PTQ chain on one model (docs/performance.md).
+- --profile-qat MODEL: torch.profiler tables of one float and one QAT training step.
 - memory: the whole chain (16 calibration images) on the largest zoo models; peak
   resident memory against the fp32 weight bytes, per stage.
 
@@ -387,15 +388,39 @@ def torchao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return move_exported_model_to_train(prepare_qat_pt2e(graph, quantizer))
 
 
-def run_qat(name: str, repeats: int, compile_too: bool) -> dict:
-    import edgequant as eq
-
+def qat_setup(name: str) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """A QAT model's batch, its labels (per pixel for the segmenter), and the model with warmed BN."""
     size, batch = QAT_MODELS[name]
     torch.manual_seed(0)
     x = images(batch, size)
     segmentation = name.startswith("deeplab")
     y = torch.randint(0, 21 if segmentation else 1000, (batch, size, size) if segmentation else (batch,))
-    base = warm_bn(build(name), [x])
+    return x, y, warm_bn(build(name), [x])
+
+
+def profile_qat(name: str) -> None:
+    """torch.profiler tables of one float and one QAT training step of `name` (docs/performance.md#qat-step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import edgequant as eq
+
+    x, y, base = qat_setup(name)
+    qat = eq.QATModule(copy.deepcopy(base), (x[:2],), SCHEME).train()
+    steps = {"float": step_fn(copy.deepcopy(base).train(), x, y), "QAT": step_fn(qat, x, y)}
+    for step in (*steps.values(), *steps.values()):  # warm-up
+        step()
+    for label, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n{label} training step of {name}, ops by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def run_qat(name: str, repeats: int, compile_too: bool) -> dict:
+    import edgequant as eq
+
+    x, y, base = qat_setup(name)
+    size, batch = QAT_MODELS[name]
     row: dict = {"part": "qat", "model": name, "input": size, "batch": batch}
     for layout in ("contiguous", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -515,6 +540,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", nargs="*", default=["mobilenet_v2"], help="QAT models to try torch.compile on")
     parser.add_argument("--profile", metavar="MODEL", help="print a cProfile of our PTQ chain on MODEL and stop")
+    parser.add_argument("--profile-qat", metavar="MODEL", help="print torch.profiler tables of a float and a QAT step")
     parser.add_argument("--ptq-one", help=argparse.SUPPRESS)
     parser.add_argument("--memory-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -525,6 +551,8 @@ def main() -> None:
         return run_memory_one(args.memory_one, args.out)
     if args.profile:
         return profile_chain(args.profile, args.calib)
+    if args.profile_qat:
+        return profile_qat(args.profile_qat)
     command = " ".join(["python", *sys.argv])
     chosen = lambda names: [n for n in names if not args.models or n in args.models]  # noqa: E731
     rows: list[dict] = []
