@@ -266,7 +266,8 @@ class _Switch(nn.Module):
         self.axis = observer.ch_axis
         self.symmetric = observer.symmetric
         self.power_of_2 = observer.power_of_2
-        self.params = {8: _qparams(observer, 8, constant), 16: _qparams(wide or observer, 16, constant)}
+        wide = observer if wide is None else wide
+        self.params = {8: _qparams(observer, 8, constant), 16: _qparams(wide, 16, constant)}
         self.low, self.high = float(observer.min_val.min()), float(observer.max_val.max())
         self.constant = constant is not None
         self.bits: int | None = None
