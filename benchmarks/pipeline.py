@@ -414,6 +414,39 @@ def profile_qat(name: str) -> None:
             step()
         print(f"\n{label} training step of {name}, ops by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    fake_quant_floor()
+
+
+def fake_quant_floor(shape: tuple[int, ...] = (32, 96, 112, 112), repeats: int = 5) -> None:
+    """Forward + backward on one activation: our fake quantizer, torch's fused kernel, and a ReLU6.
+
+    A ReLU6 (one elementwise pass each way) is about the floor for one fake quantizer.
+    """
+    from edgequant.numerics.observers import FakeQuantize, RangeObserver
+
+    x = torch.randn(shape).mul_(2).requires_grad_()
+    grad = torch.randn(shape)
+    ours = FakeQuantize(RangeObserver, dtype=torch.int8, quant_min=-128, quant_max=127, power_of_2=True)
+    ours.scale.fill_(2.0**-4)
+    ours.enable_observer(False)
+    zero_point = torch.zeros(1, dtype=torch.int32)
+    variants = {
+        "edgequant FakeQuantize": lambda: ours(x),
+        "torch fake_quantize_per_tensor_affine": lambda: torch.fake_quantize_per_tensor_affine(
+            x, ours.scale, zero_point, -128, 127
+        ),
+        "ReLU6": lambda: F.relu6(x),
+    }
+    steps = {k: (lambda f=f: torch.autograd.grad(f(), x, grad)) for k, f in variants.items()}
+    times = interleaved_times(steps, repeats, warmup=1)
+    relu6 = times["ReLU6"]
+    print(f"\nforward + backward on one {'x'.join(map(str, shape))} activation (median of {repeats})")
+    print(
+        table(
+            ["variant", "s", "/ ReLU6"],
+            [[k, f"{statistics.median(t):.3f}", f"{median_ratio(t, relu6):.2f}"] for k, t in times.items()],
+        )
+    )
 
 
 def run_qat(name: str, repeats: int, compile_too: bool) -> dict:

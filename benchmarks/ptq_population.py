@@ -25,6 +25,8 @@ order) and is measured on its exported file in onnxruntime on the 360 test image
   median over images of each image's own SQNR, where each image counts once;
   (`--torch-eval` measures ours in eval mode instead: the integer model that the export is
   held to, bit for bit for power-of-2 schemes; for sweeps of our own recipes);
+- which images change class (`changed_images`): lost and won against the labels, and whether
+  they are the float model's small-margin or its large-logit images;
 - seconds: float model to quantized model (our `calibrate()`, each peer's own recipe),
   export excluded, and the ratio of ours to onnxruntime quantize_static (MinMax).
 
@@ -114,13 +116,38 @@ def metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor)
     logits decide it; "image_sqnr_db" is the median over images of each image's own SQNR,
     where every image counts once.
     """
-    per_image = [sqnr_db(f, q) for f, q in zip(reference, logits, strict=True)]
+    per_image = np.array([sqnr_db(f, q) for f, q in zip(reference, logits, strict=True)])
     return {
         "top1": 100.0 * float((logits.argmax(1) == labels).float().mean()),
         "agreement": 100.0 * float((logits.argmax(1) == reference.argmax(1)).float().mean()),
         "sqnr_db": sqnr_db(reference, logits),
         "image_sqnr_db": float(np.median(per_image)),
+    } | changed_images(logits, reference, labels, per_image)
+
+
+def changed_images(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, per_image: np.ndarray) -> dict:
+    """Which images change class, and whether they are the float model's small-margin or large-logit ones.
+
+    "lost" / "won": right in float and wrong quantized, and the reverse. For the images that
+    change class: the highest percentile, among all images, of their float margin (top logit
+    minus the second) and of their float logit norm, and their median image SQNR.
+    """
+    changed = (logits.argmax(1) != reference.argmax(1)).numpy()
+    right_float, right_quant = reference.argmax(1) == labels, logits.argmax(1) == labels
+    top2 = reference.topk(2, dim=1).values
+    percentile = lambda v: v.argsort().argsort().float().numpy() / max(len(v) - 1, 1)  # noqa: E731
+    found = {
+        "lost": int((right_float & ~right_quant).sum()),
+        "won": int((~right_float & right_quant).sum()),
+        "changed": int(changed.sum()),
     }
+    if changed.any():
+        found |= {
+            "changed_margin_percentile": float(percentile(top2[:, 0] - top2[:, 1])[changed].max()),
+            "changed_norm_percentile": float(percentile(reference.norm(dim=1))[changed].max()),
+            "changed_image_sqnr_db": float(np.median(per_image[changed])),
+        }
+    return found
 
 
 SCHEME_FIELDS = {f.name for f in fields(eq.Scheme)}

@@ -155,12 +155,9 @@ def test_simulation_matches_the_ptq_models(tiny, digits8, outlier):
         return eq.PTQModule(tiny, (x[:8],), scheme).calibrate(calib, progress=False)
 
     ptq8, ptq16 = ptq("int8_pow2"), ptq("int16_pow2")
-    if outlier > 1:
-        clipped = [
-            (a.max_val, b.max_val)
-            for a, b in zip(ptq8.activation_observers(), ptq16.activation_observers(), strict=True)
-        ]
-        assert any(float(a.max()) < float(b.max()) for a, b in clipped)
+    if outlier > 1:  # the 8-bit calibration clips somewhere the 16-bit one does not
+        pairs = zip(ptq8.activation_observers(), ptq16.activation_observers(), strict=True)
+        assert any(float(a.max_val.max()) < float(b.max_val.max()) for a, b in pairs)
     sim = BitWidthSimulator(ptq8.model, ptq16.model, bias_correction=True)
     mixed = eq.get_scheme("int8_pow2").with_high_precision(["block.3", "fc"])
     with torch.no_grad():
